@@ -1,0 +1,27 @@
+# Two entry points: `make demo` and `make test`. Both create .venv and install sonocad first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Synthetic B-mode phantoms, then the full pipeline: train (two phases), evaluate, report.
+demo: install
+	$(BIN)/sonocad synth demo_data --n 240 --seed 0
+	$(BIN)/sonocad train demo_data --out runs/demo --img-size 128 --seed 0
+	$(BIN)/sonocad predict runs/demo "demo_data/malignant/malignant (1).png" "demo_data/benign/benign (1).png"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs/demo demo_data

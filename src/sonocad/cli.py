@@ -1,0 +1,202 @@
+"""Command line: each verb parses its arguments and calls one library function.
+
+User errors print one line on stderr and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from .errors import SonocadError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        raise SonocadError(f"{self.prog}: {message}")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", nargs="+", help="class-folder dataset(s) or CSV manifest(s); several = several sites")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--test", dest="test_data", help="evaluate on this dataset instead of a held-out part")
+    p.add_argument("--recipe", default="default", help="default | notebook (the original notebook's settings)")
+    p.add_argument("--classes", nargs="+", help="classes to use, in order (e.g. benign malignant)")
+    p.add_argument("--positive", help="positive class of a binary task (default: malignant when present)")
+    p.add_argument("--model", help="timm backbone (default tf_efficientnet_lite0)")
+    p.add_argument("--weights", help="local backbone checkpoint (.safetensors or state dict)")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
+                   help="start from random weights")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--resize", choices=["pad", "stretch"])
+    p.add_argument("--balance", choices=["weighted", "undersample", "none"])
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    p.add_argument("--offline-augment", type=int, metavar="N", help="N fixed transformed copies per image")
+    p.add_argument("--test-size", type=float)
+    p.add_argument("--val-size", type=float)
+    p.add_argument("--head-epochs", type=int)
+    p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--head-lr", type=float)
+    p.add_argument("--finetune-lr", type=float)
+    p.add_argument("--unfreeze", help="top blocks to fine-tune in phase 2: a number or 'all' (0 skips phase 2)")
+    p.add_argument("--optimizer", choices=["adamw", "adagrad", "sgd"])
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--no-tta", dest="tta", action="store_false", default=None)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--skip-bad", action="store_true", default=None, help="leave out unreadable images, with a warning")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+CONFIG_ARGS = ("classes", "positive", "model", "weights", "pretrained", "img_size", "resize", "balance", "augment",
+               "offline_augment", "test_size", "val_size", "head_epochs", "finetune_epochs", "head_lr",
+               "finetune_lr", "unfreeze", "optimizer", "batch_size", "patience", "dropout", "tta", "precision",
+               "threads", "seed", "skip_bad")
+
+
+def _print_metrics(m: dict, where: str) -> None:
+    if "auc_ci" in m:
+        lo, hi = m["auc_ci"]
+        print(f"{where}: n={m['n']} {m['n_per_class']}  AUC {m['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f})  "
+              f"sensitivity {m['sensitivity']:.3f}  specificity {m['specificity']:.3f}  "
+              f"balanced accuracy {m['balanced_accuracy']:.3f}  (threshold {m['threshold']:.2f})")
+    else:
+        print(f"{where}: n={m['n']}  macro AUC {m['auc']:.3f}  accuracy {m['accuracy']:.3f}  "
+              f"balanced accuracy {m['balanced_accuracy']:.3f}")
+
+
+def cmd_train(a) -> None:
+    from .config import TrainConfig
+    from .train import fit
+
+    cfg = TrainConfig.from_recipe(a.recipe, **{k: getattr(a, k) for k in CONFIG_ARGS})
+    m = fit(a.data, a.out, cfg, test_data=a.test_data, progress=not a.quiet)
+    _warn_bad(m["data"].get("skipped_bad_images", []))
+    _print_metrics(m, "test")
+    t = m["timing_seconds"]
+    print(f"time: {t['total']:.0f} s (data {t['data']:.0f}, phase 1 {t['phase1_head']:.0f}, "
+          f"phase 2 {t['phase2_finetune']:.0f}), precision {m['precision']}")
+    print(f"report: {Path(a.out) / 'report.html'}")
+
+
+def _warn_bad(bad: list[str]) -> None:
+    if bad:
+        print(f"warning: skipped {len(bad)} bad image(s):", file=sys.stderr)
+        for b in bad:
+            print(f"  {b}", file=sys.stderr)
+
+
+def cmd_evaluate(a) -> None:
+    from .evaluate import evaluate_run
+
+    m = evaluate_run(a.run, a.data if len(a.data) > 1 else a.data[0], a.out, skip_bad=a.skip_bad,
+                     precision=a.precision)
+    _warn_bad(m["data"].get("skipped_bad_images", []))
+    _print_metrics(m, "evaluation")
+    print(f"report: {Path(a.out) / 'report.html'}")
+
+
+def cmd_predict(a) -> None:
+    from .evaluate import predict_paths
+
+    rows = predict_paths(a.run, a.inputs, skip_bad=a.skip_bad, precision=a.precision)
+    errors = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
+    _warn_bad([r["error"] for r in errors])
+    fields = list(rows[0]) if rows else ["path", "predicted"]
+    if a.csv:
+        from .io import ensure_writable_dir, atomic_write_text
+        import io
+
+        ensure_writable_dir(Path(a.csv).parent or Path("."), "--csv")
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(a.csv, buf.getvalue())
+        print(f"wrote {len(rows)} prediction(s) to {a.csv}")
+    else:
+        w = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()})
+
+
+def cmd_synth(a) -> None:
+    from .data.synth import write_phantom_set
+
+    info = write_phantom_set(a.out, n=a.n, seed=a.seed, size=a.size)
+    print(f"wrote {info['n']} phantom images {info['n_per_class']} to {info['out']}")
+
+
+def cmd_summary(a) -> None:
+    from .summary import format_summary, model_summary
+
+    s = model_summary(a.model, a.batch_size, a.img_size, a.unfreeze)
+    print(json.dumps(s, indent=2) if a.json else format_summary(s))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sonocad", description="Breast-ultrasound lesion classifiers: train, evaluate, predict. "
+                     "A research tool, not a diagnostic device.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"sonocad {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    p = sub.add_parser("train", help="train a classifier and evaluate it on held-out data")
+    _train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a trained run on another dataset")
+    p.add_argument("run")
+    p.add_argument("data", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="class probabilities for images or folders of images")
+    p.add_argument("run")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--csv", help="write the predictions to this CSV instead of standard output")
+    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("synth", help="write a synthetic B-mode phantom dataset (demo and test data)")
+    p.add_argument("out")
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("summary", help="parameters and memory estimate of a model")
+    p.add_argument("--model", default="tf_efficientnet_lite0")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--unfreeze", default="2")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_summary)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except SonocadError as e:
+        print(f"sonocad: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sonocad: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Ultrasound-minded augmentation, applied to whole batches at once (one affine warp, a few tensor ops).
+
+Geometry: horizontal flip (left/right breast), small rotation, zoom in/out and shifts that change the
+field of view, slight aspect change. Never a vertical flip: depth runs top to bottom in B-mode.
+Intensity: overall gain, contrast, gamma, a depth-dependent gain ramp (time-gain compensation),
+multiplicative speckle-like noise and occasional blur.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+
+def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Randomly transform a float batch (B, C, H, W) with values in [0, 1]; returns a new batch."""
+    b, _, h, w = x.shape
+    s = strength
+    angle = _uniform(gen, b, -10 * s, 10 * s) * math.pi / 180
+    zoom = torch.exp(_uniform(gen, b, math.log(1 - 0.2 * s), math.log(1 + 0.25 * s)))
+    aspect = torch.exp(_uniform(gen, b, -0.1 * s, 0.1 * s))
+    flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
+    tx, ty = _uniform(gen, b, -0.08 * s, 0.08 * s), _uniform(gen, b, -0.08 * s, 0.08 * s)
+    sx, sy = flip / (zoom * aspect), aspect / zoom   # affine_grid maps output to input coordinates
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos * sx, -sin * sy, tx], 1),
+                         torch.stack([sin * sx, cos * sy, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def per_sample(lo, hi):
+        return _uniform(gen, b, lo, hi).view(b, 1, 1, 1).to(x.dtype)
+
+    depth = torch.linspace(-0.5, 0.5, h, dtype=x.dtype).view(1, 1, h, 1)
+    x = x * per_sample(1 - 0.25 * s, 1 + 0.3 * s) * (1 + per_sample(-0.4 * s, 0.4 * s) * depth)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    x = (x - mean) * per_sample(1 - 0.25 * s, 1 + 0.3 * s) + mean
+    x = x.clamp(0, 1) ** torch.exp(per_sample(-0.35 * s, 0.35 * s))
+    noise = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    x = x * (1 + per_sample(0, 0.15 * s) * noise)
+    blur = torch.rand(b, generator=gen) < 0.3 * s
+    if blur.any():
+        sigma = float(_uniform(gen, 1, 0.4, 1.2))
+        x[blur] = TF.gaussian_blur(x[blur], kernel_size=[5, 5], sigma=[sigma, sigma])
+    return x.clamp(0, 1)

@@ -1,0 +1,186 @@
+"""Find samples in a dataset: class folders (BUSI layout included), CSV manifests, the BUS-BRA layout.
+
+>>> samples = discover("Dataset_BUSI_with_GT", classes=["benign", "malignant"])  # doctest: +SKIP
+>>> samples[0].label, samples[0].masks                                          # doctest: +SKIP
+('benign', ('.../benign (1)_mask.png',))
+"""
+from __future__ import annotations
+
+import csv
+import re
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..errors import SonocadError
+
+MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<n>\d+))?$", re.IGNORECASE)
+BUSBRA_CSV = "bus_data.csv"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: where it is, its class, and what it must stay together with when splitting."""
+
+    path: str
+    label: str
+    group: str | None = None   # patient / lesion / duplicate group: never split across train and test
+    masks: tuple[str, ...] = field(default=())
+    site: str | None = None
+
+
+def _is_hidden(p: Path) -> bool:
+    return p.name.startswith(".") or p.name in ("Thumbs.db", "desktop.ini")
+
+
+def discover(data: str | Path | list, classes: list[str] | None = None, *,
+             allow_missing_classes: bool = False) -> list[Sample]:
+    """Samples of `data` (a folder, a CSV manifest, or a list of them, one per site), restricted to
+    and ordered like `classes`. Raises SonocadError naming the problem for anything unusable."""
+    if isinstance(data, (list, tuple)):
+        if len(data) == 1:
+            return discover(data[0], classes, allow_missing_classes=allow_missing_classes)
+        out: list[Sample] = []
+        for d in data:
+            site = Path(d).name if Path(d).is_dir() else Path(d).stem
+            out += [s if s.site else replace(s, site=site)
+                    for s in discover(d, classes, allow_missing_classes=allow_missing_classes)]
+        return out
+    data = Path(data)
+    if not data.exists():
+        raise SonocadError(f"{data}: no such file or folder")
+    if data.is_file():
+        samples = read_manifest(data)
+    elif (data / BUSBRA_CSV).is_file() and (data / "Images").is_dir():
+        samples = read_busbra(data)
+    else:
+        samples = scan_class_folders(data, classes)
+    return select_classes(samples, classes, str(data), allow_missing=allow_missing_classes)
+
+
+def scan_class_folders(root: Path, classes: list[str] | None = None) -> list[Sample]:
+    """One sub-folder per class; `<image>_mask.png` / `<image>_mask_N.png` are masks of `<image>.png`."""
+    try:
+        dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p))
+    except OSError as e:
+        raise SonocadError(f"{root}: cannot list folder ({e.strerror})") from None
+    if not dirs:
+        raise SonocadError(f"{root}: expected one sub-folder per class (or a CSV manifest), found none")
+    samples = []
+    for d in dirs:
+        if classes is not None and d.name not in classes:
+            continue
+        files = sorted((p for p in d.rglob("*") if p.is_file() and not _is_hidden(p)), key=_natural_key)
+        if not files:
+            raise SonocadError(f"{d}: class folder is empty")
+        images: dict[tuple[Path, str], Path] = {}
+        masks: dict[tuple[Path, str], list[Path]] = {}
+        for f in files:
+            m = MASK_RE.match(f.stem)
+            if m:
+                masks.setdefault((f.parent, m["stem"]), []).append(f)
+            else:
+                images[(f.parent, f.stem)] = f
+        for key, ms in masks.items():
+            if key not in images:
+                raise SonocadError(f"{ms[0]}: mask file has no image {key[1]}{ms[0].suffix} beside it")
+        if not images:
+            raise SonocadError(f"{d}: class folder holds only mask files, no images")
+        for key, f in images.items():
+            samples.append(Sample(str(f), d.name, masks=tuple(str(m) for m in masks.get(key, []))))
+    return samples
+
+
+def _natural_key(p: Path):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(p))]
+
+
+def read_manifest(path: Path) -> list[Sample]:
+    """CSV with columns path,label and optional group, mask, site; relative paths resolve against its folder."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise SonocadError(f"{path}: not a UTF-8 text CSV manifest") from None
+    except OSError as e:
+        raise SonocadError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        rows = list(csv.DictReader(text.splitlines()))
+    except csv.Error as e:
+        raise SonocadError(f"{path}: malformed CSV ({e})") from None
+    header = [h.strip().lower() for h in (csv.DictReader(text.splitlines()).fieldnames or [])]
+    missing = {"path", "label"} - set(header)
+    if missing:
+        raise SonocadError(f"{path}: manifest needs columns path,label (missing: {', '.join(sorted(missing))})")
+    if not rows:
+        raise SonocadError(f"{path}: manifest has no rows")
+    base = path.parent
+    samples = []
+    for i, row in enumerate(rows, start=2):
+        row = {(k or "").strip().lower(): (v or "").strip() if isinstance(v, str) else "" for k, v in row.items()}
+        if not row.get("path") or not row.get("label"):
+            raise SonocadError(f"{path}:{i}: row needs a path and a label")
+        p = Path(row["path"]).expanduser()
+        p = p if p.is_absolute() else base / p
+        if not p.is_file():
+            raise SonocadError(f"{path}:{i}: image {p} does not exist")
+        masks = ()
+        if row.get("mask"):
+            m = Path(row["mask"]).expanduser()
+            m = m if m.is_absolute() else base / m
+            if not m.is_file():
+                raise SonocadError(f"{path}:{i}: mask {m} does not exist")
+            masks = (str(m),)
+        samples.append(Sample(str(p), row["label"], row.get("group") or None, masks, row.get("site") or None))
+    return samples
+
+
+def read_busbra(root: Path) -> list[Sample]:
+    """The BUS-BRA release: bus_data.csv (ID, Case, Pathology), Images/ID.png, Masks/mask_XXXX-s.png.
+    The patient (Case) becomes the group, so both views of one patient stay on one side of a split."""
+    samples = []
+    with open(root / BUSBRA_CSV, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        need = {"ID", "Case", "Pathology"}
+        if not need <= set(reader.fieldnames or []):
+            raise SonocadError(f"{root / BUSBRA_CSV}: expected BUS-BRA columns ID, Case, Pathology")
+        for i, row in enumerate(reader, start=2):
+            img = root / "Images" / f"{row['ID']}.png"
+            if not img.is_file():
+                raise SonocadError(f"{root / BUSBRA_CSV}:{i}: image {img} does not exist")
+            mask = root / "Masks" / f"{row['ID'].replace('bus_', 'mask_', 1)}.png"
+            samples.append(Sample(str(img), row["Pathology"].strip().lower(), f"busbra-{row['Case']}",
+                                  (str(mask),) if mask.is_file() else (), "busbra"))
+    return samples
+
+
+def select_classes(samples: list[Sample], classes: list[str] | None, where: str,
+                   allow_missing: bool = False) -> list[Sample]:
+    """Keep the samples of `classes` (all found classes, sorted, when None); check each class is present."""
+    found = Counter(s.label for s in samples)
+    if classes is None:
+        classes = sorted(found)
+    unknown = [c for c in classes if c not in found]
+    if unknown and not allow_missing:
+        raise SonocadError(f"--classes: {', '.join(unknown)} not found in {where} "
+                           f"(it has: {', '.join(sorted(found)) or 'no classes'})")
+    kept = [s for s in samples if s.label in classes]
+    if not kept:
+        raise SonocadError(f"{where}: no images of classes {', '.join(classes)}")
+    return kept
+
+
+def resolve_classes(samples: list[Sample], classes: list[str] | None, positive: str | None) -> tuple[list[str], str | None]:
+    """Class order and positive class of a task. Binary tasks put the positive class last (index 1)."""
+    found = sorted({s.label for s in samples})
+    classes = list(classes) if classes else found
+    if len(classes) < 2 or len(found) < 2:
+        raise SonocadError(f"need at least two classes to train, found only: {', '.join(found)}")
+    if len(classes) != 2:
+        if positive is not None and positive not in classes:
+            raise SonocadError(f"--positive: {positive!r} is not one of the classes {', '.join(classes)}")
+        return classes, positive
+    if positive is None:
+        positive = "malignant" if "malignant" in classes else classes[1]
+    if positive not in classes:
+        raise SonocadError(f"--positive: {positive!r} is not one of the classes {', '.join(classes)}")
+    return [c for c in classes if c != positive] + [positive], positive

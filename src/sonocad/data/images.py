@@ -1,0 +1,107 @@
+"""Decode any PIL-readable image into a square 8-bit grayscale array, once per run.
+
+B-mode ultrasound is grayscale: colour overlays are reduced to luminance, and the model sees the
+gray image repeated on its 3 input channels.
+"""
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import SonocadError
+
+MIN_SIDE = 32
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm"}
+MAX_PIXELS = 64_000_000  # refuse decompression bombs and absurd sizes before decoding
+
+
+def _to_gray(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float32)
+        hi = float(a.max()) if a.size else 0.0
+        if img.mode == "F" or hi > 65535:
+            lo = float(a.min())
+            a = (a - lo) / max(hi - lo, 1e-6) * 255.0
+        elif hi > 255:
+            a = a / 257.0   # 16-bit range onto 8-bit, keeping relative gain between images
+        return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("L")
+
+
+def load_gray(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open `path` as an 8-bit grayscale PIL image (EXIF rotation applied, first frame only).
+    Raises SonocadError with the file name for anything that is not a usable image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise SonocadError(f"{path}: image of {w}x{h} pixels is over the limit of {max_pixels:,} "
+                                       "(possible decompression bomb)")
+                if min(w, h) < MIN_SIDE:
+                    raise SonocadError(f"{path}: image is {w}x{h} px, under the minimum of {MIN_SIDE} px")
+                img.seek(0)
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_gray(img)
+    except SonocadError:
+        raise
+    except FileNotFoundError:
+        raise SonocadError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise SonocadError(f"{path}: is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise SonocadError(f"{path}: not an image (or a format PIL cannot read)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise SonocadError(f"{path}: refused as a possible decompression bomb") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, TypeError, IndexError, KeyError,
+            ZeroDivisionError, AttributeError, RuntimeError) as e:
+        # PIL reports truncated or corrupt data through many exception types
+        raise SonocadError(f"{path}: corrupt or truncated image ({e.__class__.__name__}: {str(e)[:80]})") from None
+
+
+def to_square(img: Image.Image, size: int, resize: str = "pad", resample=Image.BILINEAR) -> np.ndarray:
+    """Resize to size x size: `pad` keeps the aspect ratio (black letterbox), `stretch` does not."""
+    if resize == "stretch":
+        return np.asarray(img.resize((size, size), resample, reducing_gap=None))
+    w, h = img.size
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = Image.new("L", (size, size), 0)
+    canvas.paste(img.resize((nw, nh), resample), ((size - nw) // 2, (size - nh) // 2))
+    return np.asarray(canvas)
+
+
+def load_square(path: str, size: int, resize: str = "pad", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    return to_square(load_gray(path, max_pixels), size, resize)
+
+
+def load_many(paths: list[str], size: int, resize: str = "pad", skip_bad: bool = False,
+              threads: int = 2) -> tuple[np.ndarray, list[int], list[str]]:
+    """Decode and resize `paths` into a uint8 array (N, size, size).
+
+    Returns (array of the good images, indices of the good ones, one-line problems of the bad ones).
+    Without `skip_bad` the first bad image raises SonocadError, so nothing trains on broken data."""
+    def one(p):
+        try:
+            return load_square(p, size, resize), None
+        except SonocadError as e:
+            return None, str(e)
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = list(pool.map(one, paths))
+    problems = [err for _, err in results if err]
+    if problems and not skip_bad:
+        more = f" (and {len(problems) - 1} more bad image(s); --skip-bad leaves them out)" if len(problems) > 1 else ""
+        raise SonocadError(problems[0] + more)
+    good = [i for i, (a, _) in enumerate(results) if a is not None]
+    arr = np.stack([results[i][0] for i in good]) if good else np.zeros((0, size, size), np.uint8)
+    return arr, good, problems

@@ -1,0 +1,160 @@
+"""Evaluation and prediction with a finished run directory (config.json + model.safetensors).
+
+>>> from sonocad.evaluate import evaluate_run, predict_paths
+>>> m = evaluate_run("runs/busi", "BUSBRA", "runs/busi-on-busbra")   # doctest: +SKIP
+>>> predict_paths("runs/busi", ["scan.png"])                           # doctest: +SKIP
+[{'path': 'scan.png', 'prob_benign': 0.91, 'prob_malignant': 0.09, 'predicted': 'benign'}]
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import RunInfo
+from .data import discover, load_many
+from .data.discover import MASK_RE
+from .data.images import IMAGE_SUFFIXES
+from .errors import SonocadError
+from .infer import InputPipeline, resolve_precision, run_batches
+from .io import atomic_write_text, ensure_writable_dir
+from .metrics import binary_metrics, multiclass_metrics
+from .models import Classifier, create_model, read_state_dict
+
+
+def load_run(run: str | Path, precision: str = "auto") -> tuple[RunInfo, Classifier, InputPipeline]:
+    """The run's config, its trained model (eval mode) and the matching input pipeline."""
+    run = Path(run)
+    if not run.is_dir():
+        raise SonocadError(f"{run}: run directory not found")
+    info = RunInfo.load(run / "config.json")
+    cfg = info.config
+    n_out = 1 if len(info.classes) == 2 else len(info.classes)
+    model = create_model(cfg.model, n_out, pretrained=False, hidden=cfg.hidden, dropout=cfg.dropout)
+    state = read_state_dict(run / "model.safetensors")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise SonocadError(f"{run / 'model.safetensors'}: weights do not fit the model in config.json "
+                           f"({cfg.model}); the file is damaged or from another run") from None
+    prec = resolve_precision(precision)
+    model = model.to(prec.device).eval()
+    if prec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return info, model, InputPipeline(info.mean, info.std, prec)
+
+
+def predict_images(model: Classifier, pipeline: InputPipeline, images: np.ndarray, tta: bool,
+                   batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (N, num_classes) for uint8 images (N, S, S)."""
+    logits = run_batches(model, images, pipeline, batch_size=batch_size, tta=tta)
+    if len(images) == 0:
+        return np.zeros((0, max(2, model.num_outputs)), np.float32)
+    return model.probabilities(torch.from_numpy(logits)).numpy()
+
+
+def score_predictions(y: np.ndarray, probs: np.ndarray, info: RunInfo) -> dict:
+    """Metrics of predicted probabilities against true class indices, at the run's operating points."""
+    classes = info.classes
+    n_per_class = {c: int((y == i).sum()) for i, c in enumerate(classes)}
+    if len(classes) == 2:
+        thresholds = info.thresholds or {"default": 0.5}
+        m = binary_metrics(y == 1, probs[:, 1], threshold=thresholds.get("default", 0.5))
+        m["operating_points"] = {}
+        for name, t in thresholds.items():
+            if t is None or not np.isfinite(t):
+                continue
+            op = binary_metrics(y == 1, probs[:, 1], threshold=t, ci=None)
+            m["operating_points"][name] = {k: op[k] for k in (
+                "threshold", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci", "ppv", "npv",
+                "balanced_accuracy", "accuracy", "confusion_matrix")}
+        m["thresholds_chosen_on"] = "validation data of the training run (never on the evaluated data)"
+    else:
+        m = multiclass_metrics(y, probs, classes)
+    m.update(classes=classes, positive=info.positive, n_per_class=n_per_class)
+    return m
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.6f}"
+
+
+def write_evaluation(out: Path, metrics: dict, samples, y: np.ndarray, probs: np.ndarray, info: RunInfo,
+                     log: list[dict] | None = None, title: str = "sonocad run") -> None:
+    """metrics.json, predictions.csv, plots/*.png and report.html in `out`."""
+    from .report import write_report
+
+    out = Path(out)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    binary = len(info.classes) == 2
+    w.writerow(["path", "label", "group", *(["prob"] if binary else []),
+                *[f"prob_{c}" for c in info.classes], "predicted"])
+    threshold = (info.thresholds or {}).get("default", 0.5)
+    for s, yi, p in zip(samples, y, probs):
+        pred = info.classes[int(p[1] >= threshold)] if binary else info.classes[int(np.argmax(p))]
+        w.writerow([s.path, info.classes[yi], s.group or "", *([_fmt(p[1])] if binary else []),
+                    *map(_fmt, p), pred])
+    atomic_write_text(out / "predictions.csv", buf.getvalue())
+    write_report(out, metrics, y, probs, info, log, title)
+
+
+def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
+                 precision: str = "auto") -> dict:
+    """Evaluate a trained run on another dataset, using the run's classes and ignoring other classes."""
+    out = ensure_writable_dir(out)
+    info, model, pipeline = load_run(run, precision)
+    samples = discover(data, info.classes, allow_missing_classes=True)
+    images, good, bad = load_many([s.path for s in samples], info.img_size, info.config.resize, skip_bad)
+    samples = [samples[i] for i in good]
+    y = np.asarray([info.classes.index(s.label) for s in samples])
+    probs = predict_images(model, pipeline, images, info.config.tta)
+    metrics = score_predictions(y, probs, info)
+    metrics["data"] = {"source": str(data) if not isinstance(data, (list, tuple)) else [str(d) for d in data],
+                       "run": str(run), "skipped_bad_images": bad}
+    write_evaluation(out, metrics, samples, y, probs, info, title=f"sonocad evaluation of {run} on {data}")
+    return metrics
+
+
+def image_files(inputs: list[str | Path]) -> list[Path]:
+    """Image paths from files and folders (searched recursively, lesion masks left out)."""
+    files = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                           and not MASK_RE.match(f.stem) and not f.name.startswith("."))
+            if not found:
+                raise SonocadError(f"{p}: no images in this folder")
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            raise SonocadError(f"{p}: no such file or folder")
+    return files
+
+
+def predict_paths(run: str | Path, inputs: list[str | Path], skip_bad: bool = False,
+                  precision: str = "auto", batch_size: int = 64) -> list[dict]:
+    """Per-image class probabilities and predicted class for image files and folders."""
+    info, model, pipeline = load_run(run, precision)
+    files = image_files(inputs)
+    rows = []
+    threshold = (info.thresholds or {}).get("default", 0.5)
+    # decode in chunks so a folder of thousands of images never sits in memory at once
+    for start in range(0, len(files), 512):
+        chunk = [str(f) for f in files[start:start + 512]]
+        images, good, bad = load_many(chunk, info.img_size, info.config.resize, skip_bad)
+        probs = predict_images(model, pipeline, images, info.config.tta, batch_size)
+        for i, p in zip(good, probs):
+            pred = (info.classes[int(p[1] >= threshold)] if len(info.classes) == 2
+                    else info.classes[int(np.argmax(p))])
+            rows.append({"path": chunk[i], **{f"prob_{c}": float(v) for c, v in zip(info.classes, p)},
+                         "predicted": pred})
+        for problem in bad:
+            rows.append({"path": problem.split(": ")[0], "error": problem})
+    return rows

