@@ -20,7 +20,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", nargs="+", help="class-folder dataset(s) or CSV manifest(s); several = several sites")
-    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--out", help="run directory to write")
+    p.add_argument("--resume", metavar="RUN", help="continue the interrupted run RUN from its last checkpoint")
     p.add_argument("--test", dest="test_data", help="evaluate on this dataset instead of a held-out part")
     p.add_argument("--recipe", default="default", help="default | notebook (the original notebook's settings)")
     p.add_argument("--classes", nargs="+", help="classes to use, in order (e.g. benign malignant)")
@@ -74,8 +75,15 @@ def cmd_train(a) -> None:
     from .config import TrainConfig
     from .train import fit
 
-    cfg = TrainConfig.from_recipe(a.recipe, **{k: getattr(a, k) for k in CONFIG_ARGS})
-    m = fit(a.data, a.out, cfg, test_data=a.test_data, progress=not a.quiet)
+    if a.resume:
+        if a.out and Path(a.out) != Path(a.resume):
+            raise SonocadError("--resume RUN continues RUN in place; leave out --out or give the same folder")
+        a.out, cfg = a.resume, None
+    elif not a.out:
+        raise SonocadError("train: the following arguments are required: --out")
+    else:
+        cfg = TrainConfig.from_recipe(a.recipe, **{k: getattr(a, k) for k in CONFIG_ARGS})
+    m = fit(a.data, a.out, cfg, test_data=a.test_data, progress=not a.quiet, resume=bool(a.resume))
     _warn_bad(m["data"].get("skipped_bad_images", []))
     _print_metrics(m, "test")
     t = m["timing_seconds"]

@@ -1,4 +1,5 @@
-"""Training: two phases (head on a frozen backbone, then the top blocks), early stopping, best checkpoint.
+"""Training: two phases (head on a frozen backbone, then the top blocks), early stopping, best
+checkpoint, resumable after a kill.
 
 >>> from sonocad.train import fit
 >>> metrics = fit("Dataset_BUSI_with_GT", "runs/busi", classes=["benign", "malignant"], seed=0)  # doctest: +SKIP
@@ -9,9 +10,12 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
 import math
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +30,15 @@ from .data.augment import augment_batch
 from .errors import SonocadError
 from .evaluate import score_predictions, write_evaluation
 from .infer import InputPipeline, Precision, resolve_precision, run_batches
-from .io import atomic_write_text, ensure_writable_dir
-from .models import (Classifier, count_parameters, create_model, freeze_batchnorm, input_config,
-                     save_model, set_trainable)
+from .io import atomic_path, atomic_write_text, ensure_writable_dir
 from .metrics import binary_metrics, choose_thresholds, multiclass_metrics
+from .models import (Classifier, count_parameters, create_model, freeze_batchnorm, input_config, save_model,
+                     set_trainable)
 
 
 @dataclass
 class Split:
-    """One part of the data, decoded: uint8 images (N, S, S), class indices, and their samples."""
+    """Part of the data, decoded: uint8 images (N, S, S), class indices, and their samples."""
 
     images: np.ndarray
     y: np.ndarray
@@ -44,59 +48,46 @@ class Split:
         return Split(self.images[idx], self.y[idx], [self.samples[i] for i in idx])
 
 
-@dataclass
-class TrainingData:
-    classes: list[str]
-    positive: str | None
-    train: Split
-    val: Split
-    test: Split | None
-    bad: list[str] = field(default_factory=list)
-    summary: dict = field(default_factory=dict)
+def decode_split(samples, classes: list[str], cfg: TrainConfig, img_size: int, what: str) -> tuple[Split, list[str]]:
+    """Decode every image once (a bad one stops the run here, before training, unless skip_bad)."""
+    images, good, bad = load_many([s.path for s in samples], img_size, cfg.resize, cfg.skip_bad)
+    samples = [samples[i] for i in good]
+    if not samples:
+        raise SonocadError(f"no readable images left in the {what} data")
+    y = np.asarray([classes.index(s.label) for s in samples])
+    if what == "training":
+        for c, name in enumerate(classes):
+            if (y == c).sum() < 3:
+                raise SonocadError(f"class {name!r} has {(y == c).sum()} usable image(s); at least 3 are "
+                                   "needed (train, validation, test)")
+    return Split(images, y, samples), bad
 
 
-def prepare_data(data, cfg: TrainConfig, img_size: int, test_data=None, samples=None) -> TrainingData:
-    """Discover (unless `samples` are given), decode once, and split the data: test part, then
-    validation part, both stratified and grouped. Every image is decoded here, so a bad file stops
-    the run before any training."""
-    samples = samples if samples is not None else discover(data, cfg.classes)
-    classes, positive = resolve_classes(samples, cfg.classes, cfg.positive)
-    test_samples = discover(test_data, classes) if test_data else None
+def split_groups(samples) -> list[str | None]:
+    """What must stay together in a split: the sample's group (patient, lesion, duplicate set) within
+    its site."""
+    return [f"{s.site}/{s.group}" if s.group is not None else None for s in samples]
 
-    def decode(smps, what):
-        imgs, good, bad = load_many([s.path for s in smps], img_size, cfg.resize, cfg.skip_bad)
-        smps = [smps[i] for i in good]
-        if not smps:
-            raise SonocadError(f"no readable images left in the {what} data")
-        y = np.asarray([classes.index(s.label) for s in smps])
-        return Split(imgs, y, smps), bad
 
-    full, bad = decode(samples, "training")
-    for c in range(len(classes)):
-        if (full.y == c).sum() < 3:
-            raise SonocadError(f"class {classes[c]!r} has {(full.y == c).sum()} usable image(s); "
-                               "at least 3 are needed (train, validation, test)")
-    groups = [s.group for s in full.samples]
-    if test_samples is None:
-        rest, held = stratified_group_split(full.y, groups, cfg.test_size, cfg.seed, "test")
-        test, full = full.take(held), full.take(rest)
-    else:
-        test, bad_test = decode(test_samples, "test")
-        bad += bad_test
-    tr, va = stratified_group_split(full.y, [s.group for s in full.samples], cfg.val_size, cfg.seed + 1,
-                                    "validation")
+def split_train_val(full: Split, cfg: TrainConfig) -> tuple[Split, Split]:
+    """Stratified, grouped validation part; undersampling (if asked) applies to the training part only."""
+    tr, va = stratified_group_split(full.y, split_groups(full.samples), cfg.val_size, cfg.seed + 1, "validation")
     train, val = full.take(tr), full.take(va)
     if cfg.balance == "undersample":
         train = train.take(undersample(train.y, cfg.seed))
-    summary = {
+    return train, val
+
+
+def data_summary(data, test_data, classes, train: Split, val: Split, test: Split, bad: list[str]) -> dict:
+    groups = [s.group for s in train.samples + val.samples + test.samples]
+    return {
         "source": [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data),
         "test_source": str(test_data) if test_data else "held-out part of the training data",
         **{f"n_{name}": {c: int((part.y == i).sum()) for i, c in enumerate(classes)}
            for name, part in (("train", train), ("val", val), ("test", test))},
-        "grouped_by": "group column / patient ids" if any(s.group for s in samples) else "image (no groups known)",
+        "grouped_by": "group column / patient ids" if any(groups) else "image (no groups known)",
         "skipped_bad_images": bad,
     }
-    return TrainingData(classes, positive, train, val, test, bad, summary)
 
 
 def offline_augment(split: Split, copies: int, seed: int) -> Split:
@@ -168,27 +159,90 @@ class EarlyStopping:
         return self.bad_epochs > self.patience
 
 
-class Trainer:
-    """Runs the phases for one model and one TrainingData, writing the log as it goes."""
+def _n_batches(n: int, batch_size: int) -> int:
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest > 1 or n == 1 else 0)
 
-    def __init__(self, model: Classifier, data: TrainingData, cfg: TrainConfig, precision: Precision,
-                 pipeline: InputPipeline, out: Path, progress: bool = True):
-        self.model, self.data, self.cfg, self.precision = model, data, cfg, precision
-        self.pipeline, self.out, self.progress = pipeline, out, progress
-        self.n_classes = len(data.classes)
-        self.loss_fn = make_loss(data.train.y, self.n_classes, cfg.balance)
+
+class Trainer:
+    """Runs both phases for one model on one train/validation split, writing the log and a checkpoint
+    after every epoch; `Trainer(..., resume=True)` continues from the last complete checkpoint and ends
+    where an uninterrupted run ends."""
+
+    def __init__(self, model: Classifier, train: Split, val: Split, n_classes: int, cfg: TrainConfig,
+                 precision: Precision, pipeline: InputPipeline, out: Path, progress: bool = True,
+                 resume: bool = False):
+        self.model, self.val, self.cfg, self.precision = model, val, cfg, precision
+        self.pipeline, self.out, self.progress = pipeline, Path(out), progress
+        self.n_classes = n_classes
+        self.loss_fn = make_loss(train.y, n_classes, cfg.balance)
+        self.train = offline_augment(train, cfg.offline_augment, cfg.seed)
         self.log: list[dict] = []
         self.stopper = EarlyStopping(cfg.patience)
-        self.train = offline_augment(data.train, cfg.offline_augment, cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.phase, self.epoch = "head", 0
+        self.ckpt_dir = self.out / "checkpoints"
+        self._pending: dict | None = None     # optimiser/scheduler state to restore on resume
+        self.seconds = {"head": 0.0, "finetune": 0.0}
+        if resume:
+            self._restore()
 
-    def _log_epoch(self, row: dict) -> None:
-        self.log.append(row)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(row))
-        writer.writeheader()
-        writer.writerows(self.log)
-        atomic_write_text(self.out / "log.csv", buf.getvalue())
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _checkpoint(self, opt=None, sched=None) -> None:
+        state = {
+            "phase": self.phase, "epoch": self.epoch, "model": self.model.state_dict(),
+            "optimizer": opt.state_dict() if opt else {}, "scheduler": sched.state_dict() if sched else {},
+            "best_state": self.stopper.state or {}, "best": self.stopper.best, "bad_epochs": self.stopper.bad_epochs,
+            "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "log": json.dumps(self.log), "seconds": json.dumps(self.seconds),
+        }
+        with atomic_path(self.ckpt_dir / "last.pt") as tmp:
+            torch.save(state, tmp)
+
+    def _restore(self) -> None:
+        path = self.ckpt_dir / "last.pt"
+        if not path.is_file():
+            raise SonocadError(f"{self.out}: no checkpoint to resume from (checkpoints/last.pt is missing)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.model.load_state_dict(state["model"])
+        except Exception as e:
+            raise SonocadError(f"{path}: damaged or unsafe checkpoint ({e.__class__.__name__})") from None
+        self.phase, self.epoch = state["phase"], int(state["epoch"])
+        self.stopper.state = state["best_state"] or None
+        self.stopper.best, self.stopper.bad_epochs = float(state["best"]), int(state["bad_epochs"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        self.log = json.loads(state["log"])
+        self.seconds = json.loads(state["seconds"])
+        self._pending = {"optimizer": state["optimizer"], "scheduler": state["scheduler"]}
+
+    def _resume_into(self, opt, sched) -> None:
+        if self._pending and self._pending["optimizer"]:
+            opt.load_state_dict(self._pending["optimizer"])
+            sched.load_state_dict(self._pending["scheduler"])
+        self._pending = None
+
+    # -- the phases -------------------------------------------------------------------------------
+    def run(self) -> Classifier:
+        """Train (or finish training) and return the model holding the best validation-loss weights."""
+        if self.phase == "head":
+            self._timed("head", self.phase_head)
+            self.phase, self.epoch = "finetune", 0
+        if self.phase == "finetune":
+            self._timed("finetune", self.phase_finetune)
+            self.phase = "done"
+            self._checkpoint()
+        if self.stopper.state is not None:
+            self.model.load_state_dict(self.stopper.state)
+        else:   # no epoch ran at all: the initial model is the result
+            save_model(self.model, self.out / "model.safetensors")
+        return self.model.eval()
+
+    def _timed(self, phase: str, fn) -> None:
+        t0 = time.perf_counter()
+        fn()
+        self.seconds[phase] += time.perf_counter() - t0
 
     def _batches(self, n: int):
         order = torch.randperm(n, generator=self.gen).numpy()
@@ -196,24 +250,49 @@ class Trainer:
         # drop a trailing batch of 1: BatchNorm cannot train on it
         return [order[i:i + bs] for i in range(0, n, bs) if len(order[i:i + bs]) > 1 or n == 1]
 
-    def phase_head(self) -> float:
+    def _cached_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features computed once: the training images as they are plus `feature_views`
+        augmented views of each (when augmentation is on), so the head learns on the same kind of inputs
+        that phase 2 shows it; and the validation images. Kept on disk for --resume."""
+        path = self.ckpt_dir / "features.pt"
+        if self.epoch > 0 and path.is_file():
+            f = torch.load(path, map_location="cpu", weights_only=True)
+            return f["train"], f["val"]
+        images = self.train.images
+        views = [torch.from_numpy(run_batches(self.model.forward_features, images, self.pipeline))]
+        for _ in range(self.cfg.feature_views if self.cfg.augment else 0):
+            feats = []
+            for i in range(0, len(images), 64):
+                x = self.pipeline(images[i:i + 64], self.gen)
+                with torch.no_grad(), self.precision.autocast():
+                    feats.append(self.model.forward_features(x).float().cpu())
+            views.append(torch.cat(feats))
+        f_train = torch.cat(views)
+        f_val = torch.from_numpy(run_batches(self.model.forward_features, self.val.images, self.pipeline))
+        with atomic_path(path) as tmp:
+            torch.save({"train": f_train, "val": f_val}, tmp)
+        return f_train, f_val
+
+    def phase_head(self) -> None:
         """Phase 1: the head on a frozen backbone; backbone features computed once when cached."""
         cfg, model = self.cfg, self.model
         set_trainable(model, 0)
-        start = time.perf_counter()
         if cfg.head_epochs == 0:
-            return 0.0
+            return
         model.eval()
         y = torch.from_numpy(self.train.y)
         if cfg.cache_features:
-            f_train = self._cached_features(y)
+            f_train, f_val = self._cached_features()
             y = y.repeat(len(f_train) // len(y))
-            f_val = torch.from_numpy(run_batches(model.forward_features, self.data.val.images, self.pipeline))
-        head = model.head.to(torch.float32)
+        head = model.head
         opt = make_optimizer(head.parameters(), cfg, cfg.head_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.head_epochs)
-        bar = tqdm(range(cfg.head_epochs), desc="phase 1 (head)", disable=not self.progress, unit="epoch")
-        for epoch in bar:
+        self._resume_into(opt, sched)
+        bar = tqdm(range(self.epoch, cfg.head_epochs), desc="phase 1 (head)", disable=not self.progress,
+                   unit="epoch")
+        for _ in bar:
+            if self.stopper.should_stop:
+                break
             t0 = time.perf_counter()
             head.train()
             losses = []
@@ -236,52 +315,36 @@ class Trainer:
                 with torch.no_grad():
                     val_logits = head(f_val.to(self.precision.device)).float().cpu().numpy()
             else:
-                val_logits = run_batches(model, self.data.val.images, self.pipeline)
-            if self._end_epoch("head", epoch, losses, val_logits, lr, t0, bar):
-                break
-        return time.perf_counter() - start
+                val_logits = run_batches(model, self.val.images, self.pipeline)
+            self._end_epoch(losses, val_logits, lr, t0, bar, opt, sched)
 
-    def _cached_features(self, y: torch.Tensor) -> torch.Tensor:
-        """Backbone features of the training images, computed once: the images as they are, plus
-        `feature_views` augmented views of each when augmentation is on, so the head learns on the
-        same kind of inputs that phase 2 will show it."""
-        images = self.train.images
-        views = [torch.from_numpy(run_batches(self.model.forward_features, images, self.pipeline))]
-        for _ in range(self.cfg.feature_views if self.cfg.augment else 0):
-            feats = []
-            for i in range(0, len(images), 64):
-                x = self.pipeline(images[i:i + 64], self.gen)
-                with torch.no_grad(), self.precision.autocast():
-                    feats.append(self.model.forward_features(x).float().cpu())
-            views.append(torch.cat(feats))
-        return torch.cat(views)
-
-    def phase_finetune(self) -> float:
+    def phase_finetune(self) -> None:
         """Phase 2: the top `unfreeze` blocks and the head, with augmentation, at a lower learning rate."""
         cfg, model = self.cfg, self.model
         if cfg.unfreeze == "0" or cfg.finetune_epochs == 0:
-            return 0.0
-        start = time.perf_counter()
-        if self.stopper.state is not None:
-            model.load_state_dict(self.stopper.state)
+            return
+        if self.epoch == 0:           # a fresh phase 2 starts from phase 1's best weights
+            if self.stopper.state is not None:
+                model.load_state_dict(self.stopper.state)
+            self.stopper.bad_epochs = 0
         counts = set_trainable(model, cfg.unfreeze)
-        self.stopper.bad_epochs = 0
         opt = make_optimizer(model.parameters(), cfg, cfg.finetune_lr)
-        batches_per_epoch = len(self._batches(len(self.train.y)))
-        total = max(1, cfg.finetune_epochs * batches_per_epoch)
-        warmup = min(batches_per_epoch, total // 10)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+        per_epoch = _n_batches(len(self.train.y), cfg.batch_size)
+        total = max(1, cfg.finetune_epochs * per_epoch)
+        warmup = min(per_epoch, total // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(_warmup_cosine, warmup=warmup, total=total))
+        self._resume_into(opt, sched)
         y = torch.from_numpy(self.train.y)
-        bar = tqdm(range(cfg.finetune_epochs), desc=f"phase 2 (top {cfg.unfreeze} blocks, "
+        bar = tqdm(range(self.epoch, cfg.finetune_epochs), desc=f"phase 2 (top {cfg.unfreeze} blocks, "
                    f"{counts['trainable']:,} params)", disable=not self.progress, unit="epoch")
-        for epoch in bar:
+        for _ in bar:
+            if self.stopper.should_stop:
+                break
             t0 = time.perf_counter()
             model.train()
             freeze_batchnorm(model)
             losses = []
-            batches = self._batches(len(y))
-            for idx in tqdm(batches, leave=False, disable=not self.progress, unit="batch"):
+            for idx in tqdm(self._batches(len(y)), leave=False, disable=not self.progress, unit="batch"):
                 x = self.pipeline(self.train.images[idx], self.gen if cfg.augment else None)
                 with self.precision.autocast():
                     logits = model(x)
@@ -292,76 +355,122 @@ class Trainer:
                 sched.step()
                 losses.append(loss.item())
             model.eval()
-            val_logits = run_batches(model, self.data.val.images, self.pipeline)
-            if self._end_epoch("finetune", epoch, losses, val_logits, opt.param_groups[0]["lr"], t0, bar):
-                break
-        return time.perf_counter() - start
+            val_logits = run_batches(model, self.val.images, self.pipeline)
+            self._end_epoch(losses, val_logits, opt.param_groups[0]["lr"], t0, bar, opt, sched)
 
-    def _end_epoch(self, phase, epoch, losses, val_logits, lr, t0, bar) -> bool:
-        scores = _val_scores(val_logits, self.data.val.y, self.loss_fn, self.n_classes)
+    def _end_epoch(self, losses, val_logits, lr, t0, bar, opt, sched) -> None:
+        scores = _val_scores(val_logits, self.val.y, self.loss_fn, self.n_classes)
         improved = self.stopper.update(scores["val_loss"], self.model)
         if improved:
             save_model(self.model, self.out / "model.safetensors")
-        row = {"phase": phase, "epoch": epoch + 1, "loss": float(np.mean(losses)), **scores, "lr": lr,
-               "seconds": time.perf_counter() - t0, "best": int(improved)}
-        self._log_epoch(row)
+        self.epoch += 1
+        row = {"phase": self.phase, "epoch": self.epoch, "loss": float(np.mean(losses)), **scores, "lr": lr,
+               "seconds": round(time.perf_counter() - t0, 3), "best": int(improved)}
+        self.log.append(row)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerows(self.log)
+        atomic_write_text(self.out / "log.csv", buf.getvalue())
+        self._checkpoint(opt, sched)
         bar.set_postfix(loss=f"{row['loss']:.3f}", val_loss=f"{scores['val_loss']:.3f}",
                         val_auc=f"{scores['val_auc']:.3f}")
-        return self.stopper.should_stop
 
 
-def fit(data, out, cfg: TrainConfig | None = None, test_data=None, progress: bool = True,
-        **overrides) -> dict:
-    """Train a classifier on `data` and evaluate it on a held-out test part (or `test_data`).
+def _warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
-    `data`: a class-folder dataset, a CSV manifest, or a list of them. Writes the run directory
-    `out` (config.json, model.safetensors, log.csv, metrics.json, predictions.csv, plots/, report.html)
-    and returns the test metrics."""
-    cfg = (cfg or TrainConfig.from_recipe(overrides.pop("recipe", "default"), **overrides)).validate()
-    out = ensure_writable_dir(out)
-    img_size, mean, std = input_config(cfg.model, cfg.img_size)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    t_start = time.perf_counter()
-    samples = discover(data, cfg.classes)
-    classes, _ = resolve_classes(samples, cfg.classes, cfg.positive)
-    precision = resolve_precision(cfg.precision)
-    # the model (and its weights) before decoding: missing weights fail in seconds, not minutes
-    n_out = 1 if len(classes) == 2 else len(classes)
+
+def build_model(cfg: TrainConfig, n_classes: int, precision: Precision) -> Classifier:
+    """The configured backbone + head on the precision's device and memory layout."""
+    n_out = 1 if n_classes == 2 else n_classes
     model = create_model(cfg.model, n_out, cfg.pretrained, cfg.weights, cfg.hidden, cfg.dropout)
-    data_ = prepare_data(data, cfg, img_size, test_data, samples)
-    t_data = time.perf_counter() - t_start
     model = model.to(precision.device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    info = RunInfo(cfg, data_.classes, data_.positive, img_size, mean, std, data_.summary, version=__version__)
-    info.save(out / "config.json")
-    pipeline = InputPipeline(mean, std, precision)
-    trainer = Trainer(model, data_, cfg, precision, pipeline, out, progress)
-    t_head = trainer.phase_head()
-    t_finetune = trainer.phase_finetune()
-    if trainer.stopper.state is None:   # no epoch ran: keep the initial model
-        save_model(model, out / "model.safetensors")
-    else:
-        model.load_state_dict(trainer.stopper.state)
-    model.eval()
+    return model
 
-    val_prob = predict_probs(model, data_.val.images, pipeline, cfg.tta)
-    test_prob = predict_probs(model, data_.test.images, pipeline, cfg.tta)
-    if len(data_.classes) == 2:
-        info.thresholds = choose_thresholds(data_.val.y, val_prob[:, 1])
+
+def check_disk_space(out: Path, model: nn.Module) -> None:
+    """Refuse to start when the output folder's disk cannot hold the run's files."""
+    need = 6 * 4 * sum(p.numel() for p in model.parameters()) + 50 * 2**20
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise SonocadError(f"--out {out}: only {free / 2**20:.0f} MiB free on its disk, a run needs about "
+                           f"{need / 2**20:.0f} MiB")
+
+
+def train_and_evaluate(model: Classifier, info: RunInfo, train: Split, val: Split, test: Split, out: Path,
+                       precision: Precision, progress: bool = True, resume: bool = False,
+                       t_data: float = 0.0) -> dict:
+    """Train `model` on train/val, pick operating points on val, evaluate on test and write the run
+    directory. Returns the test metrics."""
+    cfg = info.config
     info.save(out / "config.json")
-    t_total = time.perf_counter() - t_start
-    metrics = score_predictions(data_.test.y, test_prob, info)
-    metrics["timing_seconds"] = {"data": round(t_data, 1), "phase1_head": round(t_head, 1),
-                                 "phase2_finetune": round(t_finetune, 1), "total": round(t_total, 1)}
+    pipeline = InputPipeline(info.mean, info.std, precision)
+    trainer = Trainer(model, train, val, len(info.classes), cfg, precision, pipeline, out, progress, resume)
+    model = trainer.run()
+    val_prob = predict_probs(model, val.images, pipeline, cfg.tta)
+    test_prob = predict_probs(model, test.images, pipeline, cfg.tta)
+    if len(info.classes) == 2:
+        info.thresholds = choose_thresholds(val.y, val_prob[:, 1])
+    info.save(out / "config.json")
+    metrics = score_predictions(test.y, test_prob, info)
+    metrics["timing_seconds"] = {"data": round(t_data, 1), "phase1_head": round(trainer.seconds["head"], 1),
+                                 "phase2_finetune": round(trainer.seconds["finetune"], 1)}
+    metrics["timing_seconds"]["total"] = round(sum(metrics["timing_seconds"].values()), 1)
     metrics["precision"] = precision.name
     metrics["parameters"] = count_parameters(model)
-    metrics["data"] = data_.summary
-    write_evaluation(out, metrics, data_.test.samples, data_.test.y, test_prob, info, trainer.log)
+    metrics["data"] = info.data
+    write_evaluation(out, metrics, test.samples, test.y, test_prob, info, trainer.log)
     return metrics
+
+
+def fit(data, out, cfg: TrainConfig | None = None, test_data=None, progress: bool = True,
+        resume: bool = False, **overrides) -> dict:
+    """Train a classifier on `data` and evaluate it on a held-out test part (or `test_data`).
+
+    `data`: a class-folder dataset, a CSV manifest, or a list of them (one per site). Writes the run
+    directory `out` (config.json, model.safetensors, log.csv, metrics.json, predictions.csv, plots/,
+    report.html, checkpoints/) and returns the test metrics. `resume=True` continues an interrupted
+    run in `out` with the config it was started with."""
+    out = Path(out)
+    if resume:
+        if not (out / "checkpoints" / "last.pt").is_file():
+            raise SonocadError(f"--resume {out}: no checkpoint there to resume from")
+        cfg = RunInfo.load(out / "config.json").config
+    cfg = (cfg or TrainConfig.from_recipe(overrides.pop("recipe", "default"), **overrides)).validate()
+    out = ensure_writable_dir(out)
+    img_size, mean, std = input_config(cfg.model, cfg.img_size)
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    samples = discover(data, cfg.classes)
+    classes, positive = resolve_classes(samples, cfg.classes, cfg.positive)
+    precision = resolve_precision(cfg.precision)
+    # the model (and its weights) before decoding: missing weights fail in seconds, not minutes
+    model = build_model(cfg, len(classes), precision)
+    check_disk_space(out, model)
+    full, bad = decode_split(samples, classes, cfg, img_size, "training")
+    if test_data:
+        test, bad_test = decode_split(discover(test_data, classes), classes, cfg, img_size, "test")
+        bad += bad_test
+    else:
+        rest, held = stratified_group_split(full.y, split_groups(full.samples), cfg.test_size, cfg.seed, "test")
+        full, test = full.take(rest), full.take(held)
+    train, val = split_train_val(full, cfg)
+    summary = data_summary(data, test_data, classes, train, val, test, bad)
+    info = RunInfo(cfg, classes, positive, img_size, mean, std, summary, version=__version__)
+    return train_and_evaluate(model, info, train, val, test, out, precision, progress, resume,
+                              time.perf_counter() - t0)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
 
 
 def predict_probs(model: Classifier, images: np.ndarray, pipeline: InputPipeline, tta: bool) -> np.ndarray:
