@@ -1,7 +1,12 @@
 """Shared fixtures: tiny synthetic datasets, the shared real data (skipped with a reason when absent)."""
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# keep the tests' dedup cache out of the user's ~/.cache
+os.environ.setdefault("SONOCAD_CACHE", tempfile.mkdtemp(prefix="sonocad-test-cache-"))
 
 from sonocad.data.synth import write_phantom_set
 

@@ -74,3 +74,9 @@ def test_load_many_skip_bad(tmp_path):
         load_many(paths, 32)
     arr, good, bad = load_many(paths, 32, skip_bad=True)
     assert arr.shape == (1, 32, 32) and good == [0] and "bad.png" in bad[0]
+
+
+def test_multi_frame_uses_first_frame(tmp_path):
+    frames = [Image.fromarray(np.full((40, 40), v, np.uint8)) for v in (10, 200, 90)]
+    frames[0].save(tmp_path / "m.tif", save_all=True, append_images=frames[1:])
+    assert np.asarray(load_gray(str(tmp_path / "m.tif"))).mean() == 10

@@ -23,30 +23,51 @@ def _metrics(run):
     return m
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_gives_the_same_metrics(phantoms, tmp_path):
-    full = tmp_path / "full"
+@pytest.fixture(scope="module")
+def full_run(phantoms, tmp_path_factory):
+    full = tmp_path_factory.mktemp("full") / "run"
     p = _train(phantoms, full, "--out", str(full), *ARGS)
     assert p.wait(timeout=300) == 0, p.stderr.read()
+    return full
 
-    killed = tmp_path / "killed"
-    p = _train(phantoms, killed, "--out", str(killed), *ARGS)
-    log = killed / "log.csv"
+
+def _interrupt(phantoms, run, sig, epochs_done):
+    p = _train(phantoms, run, "--out", str(run), *ARGS)
+    log = run / "log.csv"
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 3:   # two epochs done
+        if log.exists() and len(log.read_text().splitlines()) >= epochs_done + 1:
             break
         time.sleep(0.05)
-    assert p.poll() is None, "training finished before it could be killed"
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    assert not (killed / "metrics.json").exists()
+    assert p.poll() is None, "training finished before it could be interrupted"
+    os.kill(p.pid, sig)
+    p.wait(timeout=120)
+    assert not (run / "metrics.json").exists()
+    return p
 
-    r = _train(phantoms, killed, "--resume", str(killed))
+
+def _resume_and_compare(phantoms, run, full):
+    r = _train(phantoms, run, "--resume", str(run))
     assert r.wait(timeout=300) == 0, r.stderr.read()
-    assert _metrics(killed) == _metrics(full)
-    assert (killed / "log.csv").read_text().count("\n") == (full / "log.csv").read_text().count("\n")
-    assert (killed / "predictions.csv").read_text() == (full / "predictions.csv").read_text()
+    assert _metrics(run) == _metrics(full)
+    assert (run / "log.csv").read_text().count("\n") == (full / "log.csv").read_text().count("\n")
+    assert (run / "predictions.csv").read_text() == (full / "predictions.csv").read_text()
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_same_metrics(phantoms, full_run, tmp_path):
+    run = tmp_path / "killed"
+    _interrupt(phantoms, run, signal.SIGKILL, epochs_done=2)      # in phase 1
+    _resume_and_compare(phantoms, run, full_run)
+
+
+@pytest.mark.slow
+def test_sigint_stops_cleanly_and_resumes(phantoms, full_run, tmp_path):
+    run = tmp_path / "interrupted"
+    p = _interrupt(phantoms, run, signal.SIGINT, epochs_done=5)    # in phase 2
+    err = p.stderr.read().strip()
+    assert p.returncode == 130 and len(err.splitlines()) == 1 and "--resume" in err, err
+    _resume_and_compare(phantoms, run, full_run)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):

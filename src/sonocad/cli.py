@@ -33,6 +33,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=int)
     p.add_argument("--resize", choices=["pad", "stretch"])
     p.add_argument("--balance", choices=["weighted", "undersample", "none"])
+    p.add_argument("--clean-overlays", dest="clean_overlays", action=argparse.BooleanOptionalAction, default=None,
+                   help="paint over near-white calipers, text and markers before resizing")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     p.add_argument("--offline-augment", type=int, metavar="N", help="N fixed transformed copies per image")
     p.add_argument("--test-size", type=float)
@@ -51,13 +53,15 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--skip-bad", action="store_true", default=None, help="leave out unreadable images, with a warning")
+    p.add_argument("--no-dedup", dest="dedup", action="store_false", default=None,
+                   help="do not look for duplicate images when splitting")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 CONFIG_ARGS = ("classes", "positive", "model", "weights", "pretrained", "img_size", "resize", "balance", "augment",
                "offline_augment", "test_size", "val_size", "head_epochs", "finetune_epochs", "head_lr",
                "finetune_lr", "unfreeze", "optimizer", "batch_size", "patience", "dropout", "tta", "precision",
-               "threads", "seed", "skip_bad")
+               "threads", "seed", "skip_bad", "dedup", "clean_overlays")
 
 
 def _print_metrics(m: dict, where: str) -> None:
@@ -103,9 +107,15 @@ def cmd_evaluate(a) -> None:
     from .evaluate import evaluate_run
 
     m = evaluate_run(a.run, a.data if len(a.data) > 1 else a.data[0], a.out, skip_bad=a.skip_bad,
-                     precision=a.precision)
+                     precision=a.precision, shortcut=a.shortcut_check)
     _warn_bad(m["data"].get("skipped_bad_images", []))
     _print_metrics(m, "evaluation")
+    if "shortcut_check" in m:
+        sc = m["shortcut_check"]
+        for k in ("original", "overlays_removed", "lesion_masked"):
+            print(f"shortcut check, {k.replace('_', ' ')}: AUC {sc[k]['auc']:.3f} "
+                  f"(95% CI {sc[k]['auc_ci'][0]:.3f}-{sc[k]['auc_ci'][1]:.3f}), "
+                  f"mean |change| {sc[k]['mean_abs_change']:.3f} (n={sc['n']})")
     print(f"report: {Path(a.out) / 'report.html'}")
 
 
@@ -135,6 +145,58 @@ def cmd_predict(a) -> None:
             w.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()})
 
 
+def cmd_cv(a) -> None:
+    from .config import TrainConfig
+    from .cv import cross_validate
+
+    if not a.out:
+        raise SonocadError("cv: the following arguments are required: --out")
+    if a.resume or a.test_data:
+        raise SonocadError("cv: --resume and --test are train options; cv reuses finished folds in --out by itself")
+    cfg = TrainConfig.from_recipe(a.recipe, **{k: getattr(a, k) for k in CONFIG_ARGS})
+    m = cross_validate(a.data, a.out, cfg, folds=a.folds, repeats=a.repeats, external=a.external,
+                       progress=not a.quiet)
+    _warn_bad(m["data"].get("skipped_bad_images", []))
+    _print_metrics(m["pooled"], f"pooled out-of-fold ({a.folds} folds)")
+    ms = m["mean_sd"]["auc"]
+    print(f"per-fold AUC mean {ms[0]:.3f} ± sd {ms[1]:.3f}")
+    for site, sm in m.get("per_site", {}).items():
+        _print_metrics(sm, f"site {site}")
+    if "external" in m:
+        _print_metrics(m["external"]["ensemble"], f"external {a.external} (ensemble of fold models)")
+        e = m["external"]["per_fold_auc_mean_sd"]
+        print(f"external per-fold AUC mean {e[0]:.3f} ± sd {e[1]:.3f}")
+    print(f"time: {m['seconds']:.0f} s; report: {Path(a.out) / 'report.html'}")
+
+
+def cmd_compare(a) -> None:
+    from .evaluate import compare_runs
+
+    r = compare_runs(a.run_a, a.run_b, a.data, skip_bad=a.skip_bad)
+    print(f"n={r['n']}  AUC A {r['auc_a']:.3f}  AUC B {r['auc_b']:.3f}  difference {r['diff']:+.3f}  "
+          f"paired DeLong z={r['z']:.2f} p={r['p_value']:.4f}")
+
+
+def cmd_dedup(a) -> None:
+    from .data.dedup import find_duplicates
+    from .data.discover import discover
+
+    samples = discover(a.data, a.classes)
+    paths, labels = [s.path for s in samples], [s.label for s in samples]
+    res = find_duplicates(paths, labels, progress=not a.quiet)
+    sizes = [len(g) for g in res.groups]
+    print(f"{len(paths)} images: {len(res.groups)} duplicate groups ({sum(sizes)} images, largest {max(sizes, default=0)}), "
+          f"{len(res.conflicts)} with members of different classes")
+    for g in res.conflicts:
+        print("  label conflict: " + "; ".join(f"{paths[i]} ({labels[i]})" for i in g))
+    if a.out:
+        from .io import ensure_writable_dir
+
+        out = ensure_writable_dir(a.out)
+        res.to_csv(out / "duplicates.csv", paths, labels)
+        print(f"wrote {out / 'duplicates.csv'}")
+
+
 def cmd_synth(a) -> None:
     from .data.synth import write_phantom_set
 
@@ -160,12 +222,35 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("cv", help="stratified group K-fold cross-validation of the training recipe")
+    _train_args(p)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=1, help="repeat with different seeds")
+    p.add_argument("--external", help="also evaluate every fold model (and their ensemble) on this dataset")
+    p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser("compare", help="paired DeLong test of two runs on the same images")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("data")
+    p.add_argument("--skip-bad", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("dedup", help="find exact and near-duplicate images (and label conflicts)")
+    p.add_argument("data")
+    p.add_argument("--classes", nargs="+")
+    p.add_argument("--out", help="folder for duplicates.csv (path, group, label)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_dedup)
+
     p = sub.add_parser("evaluate", help="evaluate a trained run on another dataset")
     p.add_argument("run")
     p.add_argument("data", nargs="+")
     p.add_argument("--out", required=True)
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--shortcut-check", action="store_true",
+                   help="also predict with overlays removed and with the lesion masked out (needs masks)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="class probabilities for images or folders of images")
@@ -201,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sonocad: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sonocad: interrupted", file=sys.stderr)
+        print("sonocad: interrupted; a training run keeps its last complete epoch's checkpoint "
+              "(continue with: sonocad train DATA --resume RUN)", file=sys.stderr)
         return 130
     return 0
 

@@ -28,6 +28,7 @@ class TrainConfig:
     weights: str | None = None          # local checkpoint instead of the packaged / hub weights
     img_size: int | None = None         # None: the backbone's pretrained input size
     resize: str = "pad"                 # pad (keep aspect ratio, letterbox) | stretch (the notebook's)
+    clean_overlays: bool = False        # paint over near-white calipers, text and markers before resizing
     hidden: int = 256
     dropout: float = 0.3
     # data
@@ -36,12 +37,13 @@ class TrainConfig:
     balance: str = "weighted"           # weighted | undersample | none
     augment: bool = True                # on-the-fly ultrasound augmentation in phase 2
     offline_augment: int = 0            # N fixed transformed copies per training image (the notebook used 7)
+    dedup: bool = True                  # find duplicate images and keep each set on one side of every split
     val_size: float = 0.15
     test_size: float = 0.2
     skip_bad: bool = False
     # phase 1: frozen backbone, head only
     head_epochs: int = 60
-    head_lr: float = 1e-3
+    head_lr: float = 3e-4
     # phase 2: top blocks unfrozen
     unfreeze: str = "2"                 # number of top blocks, or "all", or "0" to skip phase 2
     finetune_epochs: int = 12

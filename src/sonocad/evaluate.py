@@ -84,40 +84,68 @@ def _fmt(v: float) -> str:
 
 
 def write_evaluation(out: Path, metrics: dict, samples, y: np.ndarray, probs: np.ndarray, info: RunInfo,
-                     log: list[dict] | None = None, title: str = "sonocad run") -> None:
-    """metrics.json, predictions.csv, plots/*.png and report.html in `out`."""
+                     log: list[dict] | None = None, title: str = "sonocad run", *,
+                     extra_columns: dict[str, list] | None = None, extra_sections: list[str] | None = None,
+                     predictions_name: str = "predictions.csv") -> None:
+    """metrics.json, the predictions CSV (path, label, group, [extra columns], prob...), plots/*.png and
+    report.html in `out`."""
     from .report import write_report
 
     out = Path(out)
+    extra_columns = extra_columns or {}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
     buf = io.StringIO()
     w = csv.writer(buf)
     binary = len(info.classes) == 2
-    w.writerow(["path", "label", "group", *(["prob"] if binary else []),
+    w.writerow(["path", "label", "group", *extra_columns, *(["prob"] if binary else []),
                 *[f"prob_{c}" for c in info.classes], "predicted"])
     threshold = (info.thresholds or {}).get("default", 0.5)
-    for s, yi, p in zip(samples, y, probs):
+    for i, (s, yi, p) in enumerate(zip(samples, y, probs)):
         pred = info.classes[int(p[1] >= threshold)] if binary else info.classes[int(np.argmax(p))]
-        w.writerow([s.path, info.classes[yi], s.group or "", *([_fmt(p[1])] if binary else []),
-                    *map(_fmt, p), pred])
-    atomic_write_text(out / "predictions.csv", buf.getvalue())
-    write_report(out, metrics, y, probs, info, log, title)
+        w.writerow([s.path, info.classes[yi], s.group or "", *(col[i] for col in extra_columns.values()),
+                    *([_fmt(p[1])] if binary else []), *map(_fmt, p), pred])
+    atomic_write_text(out / predictions_name, buf.getvalue())
+    write_report(out, metrics, y, probs, info, log, title, extra_sections)
+
+
+def read_predictions(path: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
+    """(paths, probabilities (N, C)) back from a predictions CSV written by write_evaluation."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [r["path"] for r in rows], np.asarray([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
 
 
 def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
-                 precision: str = "auto") -> dict:
-    """Evaluate a trained run on another dataset, using the run's classes and ignoring other classes."""
+                 precision: str = "auto", shortcut: bool = False) -> dict:
+    """Evaluate a trained run on another dataset, using the run's classes and ignoring other classes.
+    `shortcut=True` adds the shortcut check (overlays removed, lesion masked out) on images with masks."""
     out = ensure_writable_dir(out)
     info, model, pipeline = load_run(run, precision)
     samples = discover(data, info.classes, allow_missing_classes=True)
-    images, good, bad = load_many([s.path for s in samples], info.img_size, info.config.resize, skip_bad)
+    images, good, bad = load_many([s.path for s in samples], info.img_size, info.config.resize, skip_bad,
+                                  clean_overlays=info.config.clean_overlays)
     samples = [samples[i] for i in good]
     y = np.asarray([info.classes.index(s.label) for s in samples])
     probs = predict_images(model, pipeline, images, info.config.tta)
     metrics = score_predictions(y, probs, info)
     metrics["data"] = {"source": str(data) if not isinstance(data, (list, tuple)) else [str(d) for d in data],
                        "run": str(run), "skipped_bad_images": bad}
-    write_evaluation(out, metrics, samples, y, probs, info, title=f"sonocad evaluation of {run} on {data}")
+    sections = []
+    if shortcut:
+        from .report import html_table
+        from .shortcut import shortcut_check
+
+        sc = metrics["shortcut_check"] = shortcut_check(run, data)
+        rows = [[k.replace("_", " "), sc[k]["auc"], sc[k]["auc_ci"], sc[k]["mean_abs_change"]]
+                for k in ("original", "overlays_removed", "lesion_masked")]
+        sections.append(f"<h2>Shortcut check</h2><p>{sc['n']} images with lesion masks, predicted as they are, "
+                        "with bright overlays (calipers, text, markers) painted over, and with the lesion "
+                        "masked out (filled from the tissue around it). A model that still separates the "
+                        "classes with the lesion hidden reads something other than the lesion (posterior "
+                        "shadowing and enhancement lie outside the mask and are legitimate cues).</p>"
+                        + html_table(["images", "AUC", "AUC 95% CI", "mean |change| of P(positive)"], rows))
+    write_evaluation(out, metrics, samples, y, probs, info, title=f"sonocad evaluation of {run} on {data}",
+                     extra_sections=sections)
     return metrics
 
 
@@ -148,7 +176,8 @@ def predict_paths(run: str | Path, inputs: list[str | Path], skip_bad: bool = Fa
     # decode in chunks so a folder of thousands of images never sits in memory at once
     for start in range(0, len(files), 512):
         chunk = [str(f) for f in files[start:start + 512]]
-        images, good, bad = load_many(chunk, info.img_size, info.config.resize, skip_bad)
+        images, good, bad = load_many(chunk, info.img_size, info.config.resize, skip_bad,
+                                      clean_overlays=info.config.clean_overlays)
         probs = predict_images(model, pipeline, images, info.config.tta, batch_size)
         for i, p in zip(good, probs):
             pred = (info.classes[int(p[1] >= threshold)] if len(info.classes) == 2
@@ -158,3 +187,26 @@ def predict_paths(run: str | Path, inputs: list[str | Path], skip_bad: bool = Fa
         for problem in bad:
             rows.append({"path": problem.split(": ")[0], "error": problem})
     return rows
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path, data, skip_bad: bool = False,
+                 precision: str = "auto") -> dict:
+    """Paired DeLong test of two binary runs' AUCs on the same images of `data`."""
+    from .metrics import delong_test
+
+    probs, ys = [], []
+    for run in (run_a, run_b):
+        info, model, pipeline = load_run(run, precision)
+        if len(info.classes) != 2:
+            raise SonocadError(f"{run}: compare needs binary runs; this one has classes {', '.join(info.classes)}")
+        samples = discover(data, info.classes, allow_missing_classes=True)
+        images, good, _ = load_many([s.path for s in samples], info.img_size, info.config.resize, skip_bad,
+                                    clean_overlays=info.config.clean_overlays)
+        samples = [samples[i] for i in good]
+        ys.append(({s.path for s in samples}, np.asarray([info.classes.index(s.label) for s in samples])))
+        probs.append(predict_images(model, pipeline, images, info.config.tta)[:, 1])
+        if len(ys) == 2 and (ys[0][0] != ys[1][0] or not np.array_equal(ys[0][1], ys[1][1])):
+            raise SonocadError(f"{run_a} and {run_b} see different images or classes in {data}; "
+                               "compare needs the same binary task")
+    result = delong_test(ys[0][1], probs[0], probs[1])
+    return {"run_a": str(run_a), "run_b": str(run_b), "data": str(data), "n": int(len(ys[0][1])), **result}

@@ -94,12 +94,19 @@ def _num(v) -> str:
     return html.escape(json.dumps(v) if isinstance(v, (dict, list)) else str(v))
 
 
+def html_table(header: list[str], rows: list[list]) -> str:
+    """A table with a header row; floats shown with 3 decimals, [lo, hi] pairs as ranges."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_num(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
 def _table(rows: list[tuple[str, object]]) -> str:
     return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_num(v)}</td></tr>" for k, v in rows) + "</table>"
 
 
 def write_report(out: Path, metrics: dict, y: np.ndarray, probs: np.ndarray, info, log: list[dict] | None,
-                 title: str) -> Path:
+                 title: str, extra_sections: list[str] | None = None) -> Path:
     """Write plots/*.png and report.html (plots inlined) into `out`."""
     from .metrics import calibration
 
@@ -149,6 +156,7 @@ def write_report(out: Path, metrics: dict, y: np.ndarray, probs: np.ndarray, inf
             [("macro AUC (one-vs-rest)", metrics["auc"]), ("accuracy", metrics["accuracy"]),
              ("balanced accuracy", metrics["balanced_accuracy"]), ("n", metrics["n"]),
              ("n per class", metrics["n_per_class"])]))
+    sections += extra_sections or []
     if log:
         figs.append(plot_curves(log, plots / "training_curves.png"))
     if "data" in metrics:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import RunInfo, TrainConfig
 from .data import discover, load_many, resolve_classes, stratified_group_split, undersample
+from .data.split import group_ids
 from .data.augment import augment_batch
 from .errors import SonocadError
 from .evaluate import score_predictions, write_evaluation
@@ -43,14 +44,20 @@ class Split:
     images: np.ndarray
     y: np.ndarray
     samples: list
+    groups: np.ndarray | None = None   # what must stay together in any split (see with_duplicate_groups)
 
     def take(self, idx) -> "Split":
-        return Split(self.images[idx], self.y[idx], [self.samples[i] for i in idx])
+        return Split(self.images[idx], self.y[idx], [self.samples[i] for i in idx],
+                     None if self.groups is None else self.groups[idx])
+
+    def split_groups(self) -> list:
+        return list(self.groups) if self.groups is not None else split_groups(self.samples)
 
 
 def decode_split(samples, classes: list[str], cfg: TrainConfig, img_size: int, what: str) -> tuple[Split, list[str]]:
     """Decode every image once (a bad one stops the run here, before training, unless skip_bad)."""
-    images, good, bad = load_many([s.path for s in samples], img_size, cfg.resize, cfg.skip_bad)
+    images, good, bad = load_many([s.path for s in samples], img_size, cfg.resize, cfg.skip_bad,
+                                  clean_overlays=cfg.clean_overlays)
     samples = [samples[i] for i in good]
     if not samples:
         raise SonocadError(f"no readable images left in the {what} data")
@@ -69,9 +76,70 @@ def split_groups(samples) -> list[str | None]:
     return [f"{s.site}/{s.group}" if s.group is not None else None for s in samples]
 
 
+def with_duplicate_groups(split: Split, cfg: TrainConfig, progress: bool = False) -> tuple[Split, int]:
+    """`split` with its groups set: each sample's own group (patient, lesion) merged with the duplicate
+    sets that sonocad dedup finds (when cfg.dedup), so copies of one scan never cross a split.
+    Returns the split and the number of duplicate sets found."""
+    groups = split_groups(split.samples)
+    n_dup = 0
+    if cfg.dedup:
+        dup_group, n_dup = cached_duplicates([s.path for s in split.samples], progress)
+        groups = merge_groups(groups, dup_group)
+    return Split(split.images, split.y, split.samples, group_ids(groups)), n_dup
+
+
+def cached_duplicates(paths: list[str], progress: bool = False) -> tuple[list[str], int]:
+    """sonocad dedup's group of every path and the number of duplicate sets, cached on disk (in
+    $SONOCAD_CACHE, default ~/.cache/sonocad) under the files' names, sizes and modification times,
+    so repeated runs on one dataset do not search it again."""
+    import hashlib
+    import os
+
+    from .data import dedup
+
+    settings = [dedup.THRESHOLDS, dedup.THUMB, dedup.CENTRAL, dedup.VIEW, dedup.SCALES.tolist()]
+    stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    key = hashlib.sha256(json.dumps([str(settings), stats]).encode()).hexdigest()[:32]
+    cache = Path(os.environ.get("SONOCAD_CACHE", Path.home() / ".cache" / "sonocad")) / "dedup" / f"{key}.json"
+    try:
+        found = json.loads(cache.read_text())
+        return found["group"], found["n_groups"]
+    except (OSError, ValueError, KeyError):
+        pass
+    res = dedup.find_duplicates(paths, progress=progress)
+    try:
+        atomic_write_text(cache, json.dumps({"group": res.group, "n_groups": len(res.groups)}))
+    except OSError:
+        pass   # an unwritable cache only costs time
+    return res.group, len(res.groups)
+
+
+def merge_groups(*groupings: list) -> list[int]:
+    """Connected components of samples linked by sharing a (non-None) group in any grouping."""
+    n = len(groupings[0])
+    parent = list(range(n))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for grouping in groupings:
+        first: dict = {}
+        for i, g in enumerate(grouping):
+            if g is None:
+                continue
+            if g in first:
+                parent[find(i)] = find(first[g])
+            else:
+                first[g] = i
+    return [find(i) for i in range(n)]
+
+
 def split_train_val(full: Split, cfg: TrainConfig) -> tuple[Split, Split]:
     """Stratified, grouped validation part; undersampling (if asked) applies to the training part only."""
-    tr, va = stratified_group_split(full.y, split_groups(full.samples), cfg.val_size, cfg.seed + 1, "validation")
+    tr, va = stratified_group_split(full.y, full.split_groups(), cfg.val_size, cfg.seed + 1, "validation")
     train, val = full.take(tr), full.take(va)
     if cfg.balance == "undersample":
         train = train.take(undersample(train.y, cfg.seed))
@@ -159,6 +227,23 @@ class EarlyStopping:
         return self.bad_epochs > self.patience
 
 
+CHECKPOINT_KEYS = {"phase", "epoch", "model", "optimizer", "scheduler", "best_state", "best", "bad_epochs", "gen",
+                   "torch_rng", "log", "seconds"}
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint, loaded without running code (weights_only); one-line error if damaged."""
+    if not path.is_file():
+        raise SonocadError(f"{path.parent.parent}: no checkpoint there to resume from")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
+            raise ValueError("keys missing")
+    except Exception as e:
+        raise SonocadError(f"{path}: damaged or unsafe checkpoint ({e.__class__.__name__})") from None
+    return state
+
+
 def _n_batches(n: int, batch_size: int) -> int:
     full, rest = divmod(n, batch_size)
     return full + (1 if rest > 1 or n == 1 else 0)
@@ -201,13 +286,11 @@ class Trainer:
 
     def _restore(self) -> None:
         path = self.ckpt_dir / "last.pt"
-        if not path.is_file():
-            raise SonocadError(f"{self.out}: no checkpoint to resume from (checkpoints/last.pt is missing)")
+        state = read_checkpoint(path)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             self.model.load_state_dict(state["model"])
         except Exception as e:
-            raise SonocadError(f"{path}: damaged or unsafe checkpoint ({e.__class__.__name__})") from None
+            raise SonocadError(f"{path}: checkpoint does not fit this model ({e.__class__.__name__})") from None
         self.phase, self.epoch = state["phase"], int(state["epoch"])
         self.stopper.state = state["best_state"] or None
         self.stopper.best, self.stopper.bad_epochs = float(state["best"]), int(state["bad_epochs"])
@@ -326,7 +409,9 @@ class Trainer:
         if self.epoch == 0:           # a fresh phase 2 starts from phase 1's best weights
             if self.stopper.state is not None:
                 model.load_state_dict(self.stopper.state)
-            self.stopper.bad_epochs = 0
+            # phase 2 keeps its own best epoch: comparing with phase 1's best on a small, noisy
+            # validation set would stop fine-tuning before its warm-up is over
+            self.stopper.bad_epochs, self.stopper.best = 0, math.inf
         counts = set_trainable(model, cfg.unfreeze)
         opt = make_optimizer(model.parameters(), cfg, cfg.finetune_lr)
         per_epoch = _n_batches(len(self.train.y), cfg.batch_size)
@@ -438,8 +523,7 @@ def fit(data, out, cfg: TrainConfig | None = None, test_data=None, progress: boo
     run in `out` with the config it was started with."""
     out = Path(out)
     if resume:
-        if not (out / "checkpoints" / "last.pt").is_file():
-            raise SonocadError(f"--resume {out}: no checkpoint there to resume from")
+        read_checkpoint(out / "checkpoints" / "last.pt")   # fail now, not after decoding the data
         cfg = RunInfo.load(out / "config.json").config
     cfg = (cfg or TrainConfig.from_recipe(overrides.pop("recipe", "default"), **overrides)).validate()
     out = ensure_writable_dir(out)
@@ -455,14 +539,16 @@ def fit(data, out, cfg: TrainConfig | None = None, test_data=None, progress: boo
     model = build_model(cfg, len(classes), precision)
     check_disk_space(out, model)
     full, bad = decode_split(samples, classes, cfg, img_size, "training")
+    full, n_dup = with_duplicate_groups(full, cfg, progress)
     if test_data:
         test, bad_test = decode_split(discover(test_data, classes), classes, cfg, img_size, "test")
         bad += bad_test
     else:
-        rest, held = stratified_group_split(full.y, split_groups(full.samples), cfg.test_size, cfg.seed, "test")
+        rest, held = stratified_group_split(full.y, full.split_groups(), cfg.test_size, cfg.seed, "test")
         full, test = full.take(rest), full.take(held)
     train, val = split_train_val(full, cfg)
     summary = data_summary(data, test_data, classes, train, val, test, bad)
+    summary["duplicate_sets_found"] = n_dup if cfg.dedup else "dedup off"
     info = RunInfo(cfg, classes, positive, img_size, mean, std, summary, version=__version__)
     return train_and_evaluate(model, info, train, val, test, out, precision, progress, resume,
                               time.perf_counter() - t0)

@@ -104,10 +104,11 @@ def read_manifest(path: Path) -> list[Sample]:
     except OSError as e:
         raise SonocadError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        rows = list(csv.DictReader(text.splitlines()))
+        reader = csv.DictReader(text.splitlines())
+        header = [h.strip().lower() for h in (reader.fieldnames or [])]
+        rows = list(reader)
     except csv.Error as e:
         raise SonocadError(f"{path}: malformed CSV ({e})") from None
-    header = [h.strip().lower() for h in (csv.DictReader(text.splitlines()).fieldnames or [])]
     missing = {"path", "label"} - set(header)
     if missing:
         raise SonocadError(f"{path}: manifest needs columns path,label (missing: {', '.join(sorted(missing))})")

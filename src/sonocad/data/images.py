@@ -68,6 +68,23 @@ def load_gray(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise SonocadError(f"{path}: corrupt or truncated image ({e.__class__.__name__}: {str(e)[:80]})") from None
 
 
+def remove_overlays(img: Image.Image, window: int = 9, contrast: int = 50, level: int = 150) -> Image.Image:
+    """Paint over thin bright marks (calipers, text, markers) with the local median of the tissue around
+    them, so a model cannot learn a site's annotations instead of the lesion.
+
+    A pixel is a mark when it is bright (>= level) and much brighter (by `contrast`) than the median of
+    its `window` x `window` neighbourhood: strokes thinner than half the window; tissue edges are not."""
+    from scipy import ndimage
+
+    a = np.asarray(img).astype(np.int16)
+    background = ndimage.median_filter(a, size=window)
+    mask = (a >= level) & (a - background >= contrast)
+    if not mask.any():
+        return img
+    mask = ndimage.binary_dilation(mask, iterations=1)
+    return Image.fromarray(np.where(mask, background, a).astype(np.uint8))
+
+
 def to_square(img: Image.Image, size: int, resize: str = "pad", resample=Image.BILINEAR) -> np.ndarray:
     """Resize to size x size: `pad` keeps the aspect ratio (black letterbox), `stretch` does not."""
     if resize == "stretch":
@@ -80,19 +97,21 @@ def to_square(img: Image.Image, size: int, resize: str = "pad", resample=Image.B
     return np.asarray(canvas)
 
 
-def load_square(path: str, size: int, resize: str = "pad", max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    return to_square(load_gray(path, max_pixels), size, resize)
+def load_square(path: str, size: int, resize: str = "pad", max_pixels: int = MAX_PIXELS,
+                clean_overlays: bool = False) -> np.ndarray:
+    img = load_gray(path, max_pixels)
+    return to_square(remove_overlays(img) if clean_overlays else img, size, resize)
 
 
 def load_many(paths: list[str], size: int, resize: str = "pad", skip_bad: bool = False,
-              threads: int = 2) -> tuple[np.ndarray, list[int], list[str]]:
+              threads: int = 2, clean_overlays: bool = False) -> tuple[np.ndarray, list[int], list[str]]:
     """Decode and resize `paths` into a uint8 array (N, size, size).
 
     Returns (array of the good images, indices of the good ones, one-line problems of the bad ones).
     Without `skip_bad` the first bad image raises SonocadError, so nothing trains on broken data."""
     def one(p):
         try:
-            return load_square(p, size, resize), None
+            return load_square(p, size, resize, clean_overlays=clean_overlays), None
         except SonocadError as e:
             return None, str(e)
 

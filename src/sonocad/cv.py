@@ -1,0 +1,212 @@
+"""Cross-validation: stratified group K-fold with the `train` recipe, pooled out-of-fold metrics, and
+optionally every fold model (and their ensemble) on an external site.
+
+>>> from sonocad.cv import cross_validate
+>>> m = cross_validate("Dataset_BUSI_with_GT", "runs/busi-cv", folds=5, classes=["benign", "malignant"],
+...                    external="BUSBRA")                                         # doctest: +SKIP
+>>> m["pooled"]["auc"], m["pooled"]["auc_ci"], m["external"]["ensemble"]["auc"]  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from . import __version__
+from .config import RunInfo, TrainConfig
+from .data import discover, resolve_classes
+from .data.split import group_ids
+from .errors import SonocadError
+from .evaluate import predict_images, read_predictions, score_predictions, write_evaluation
+from .infer import InputPipeline, resolve_precision
+from .io import ensure_writable_dir
+from .report import html_table
+from .train import (Split, build_model, check_disk_space, data_summary, decode_split, seed_everything,
+                    split_train_val, train_and_evaluate, with_duplicate_groups)
+from .models import input_config
+
+FOLD_KEYS = ("auc", "auc_ci", "sensitivity", "specificity", "balanced_accuracy", "accuracy", "n")
+
+
+def fold_indices(y: np.ndarray, groups: list, sites: list, folds: int, seed: int) -> np.ndarray:
+    """Fold number (0..folds-1) of every sample: stratified by site and class, groups never split."""
+    strata = np.asarray([f"{s}|{c}" for s, c in zip(sites, y)])
+    counts = {k: int((strata == k).sum()) for k in set(strata)}
+    if min(counts.values()) < folds:
+        raise SonocadError(f"--folds {folds}: the smallest class (per site) has only {min(counts.values())} "
+                           "images; use fewer folds")
+    fold = np.empty(len(y), int)
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, held) in enumerate(splitter.split(np.zeros(len(y)), strata, group_ids(groups))):
+        fold[held] = k
+    return fold
+
+
+def _mean_sd(values: list[float]) -> list[float]:
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    return [float(v.mean()), float(v.std(ddof=1))] if len(v) > 1 else [float("nan")] * 2
+
+
+def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, repeats: int = 1,
+                   external=None, progress: bool = True, **overrides) -> dict:
+    """K-fold cross-validation of the training recipe on `data` (one folder/manifest or a list: sites).
+
+    Each fold is a complete run directory (out/fold-K, or out/repeat-R/fold-K) usable with evaluate
+    and predict; finished folds are reused when the command is run again. Writes out/metrics.json,
+    out/oof_predictions.csv (path,label,group,fold,prob), plots and report.html."""
+    cfg = (cfg or TrainConfig.from_recipe(overrides.pop("recipe", "default"), **overrides)).validate()
+    if folds < 2:
+        raise SonocadError(f"--folds must be at least 2, not {folds}")
+    if repeats < 1:
+        raise SonocadError(f"--repeats must be at least 1, not {repeats}")
+    out = ensure_writable_dir(out)
+    t0 = time.perf_counter()
+    img_size, mean, std = input_config(cfg.model, cfg.img_size)
+    seed_everything(cfg.seed)
+    samples = discover(data, cfg.classes)
+    classes, positive = resolve_classes(samples, cfg.classes, cfg.positive)
+    precision = resolve_precision(cfg.precision)
+    check_disk_space(out, build_model(cfg, len(classes), precision))
+    full, bad = decode_split(samples, classes, cfg, img_size, "training")
+    full, n_dup = with_duplicate_groups(full, cfg, progress)
+    groups = list(full.groups)
+    sites = [s.site or "" for s in full.samples]
+    ext = None
+    if external:
+        ext_samples = discover(external, classes, allow_missing_classes=True)
+        ext, bad_ext = decode_split(ext_samples, classes, cfg, img_size, "external")
+        bad += bad_ext
+    binary = len(classes) == 2
+    pipeline = InputPipeline(mean, std, precision)
+
+    runs = []   # (repeat, fold, fold_dir)
+    oof = np.zeros((repeats, len(full.y), len(classes)))
+    fold_of = np.zeros((repeats, len(full.y)), int)
+    ext_probs = []
+    per_fold = []
+    for r in range(repeats):
+        seed = cfg.seed + 1000 * r
+        fold_of[r] = fold_indices(full.y, groups, sites, folds, seed)
+        for k in range(folds):
+            fold_dir = out / (f"repeat-{r + 1}/" if repeats > 1 else "") / f"fold-{k + 1}"
+            held = np.flatnonzero(fold_of[r] == k)
+            rest = np.flatnonzero(fold_of[r] != k)
+            test = full.take(held)
+            ext_csv = fold_dir / "external" / "predictions.csv"
+            done = (fold_dir / "metrics.json").is_file() and (not ext or ext_csv.is_file())
+            if done:
+                paths, probs = read_predictions(fold_dir / "predictions.csv", classes)
+                if paths != [s.path for s in test.samples]:
+                    raise SonocadError(f"{fold_dir}: finished fold holds other images than this split; "
+                                       "use a new --out folder")
+                info = RunInfo.load(fold_dir / "config.json")
+                if ext:
+                    ext_probs.append(read_predictions(ext_csv, classes)[1])
+            else:
+                fold_cfg = TrainConfig.from_dict({**cfg.to_dict(), "seed": seed + k})
+                train, val = split_train_val(full.take(rest), fold_cfg)
+                summary = data_summary(data, f"fold {k + 1} of {folds}", classes, train, val, test, bad)
+                info = RunInfo(fold_cfg, classes, positive, img_size, mean, std, summary, version=__version__)
+                model = build_model(fold_cfg, len(classes), precision)
+                ensure_writable_dir(fold_dir)
+                if progress:
+                    print(f"fold {k + 1}/{folds}" + (f" (repeat {r + 1})" if repeats > 1 else ""), flush=True)
+                train_and_evaluate(model, info, train, val, test, fold_dir, precision, progress)
+                probs = predict_images(model, pipeline, test.images, cfg.tta)
+                if ext:
+                    p_ext = predict_images(model, pipeline, ext.images, cfg.tta)
+                    m_ext = score_predictions(ext.y, p_ext, info)
+                    write_evaluation(fold_dir / "external", m_ext, ext.samples, ext.y, p_ext, info,
+                                     title=f"fold {k + 1} model on {external}")
+                    ext_probs.append(p_ext)
+            oof[r, held] = probs
+            fm = score_predictions(test.y, probs, info)
+            row = {"repeat": r + 1, "fold": k + 1, **{key: fm[key] for key in FOLD_KEYS}}
+            if ext:
+                em = score_predictions(ext.y, ext_probs[-1], info)
+                row["external_auc"] = em["auc"]
+                row["external_auc_ci"] = em.get("auc_ci", [float("nan")] * 2)
+            per_fold.append(row)
+            runs.append((r, k, fold_dir))
+
+    pooled_info = RunInfo(cfg, classes, positive, img_size, mean, std, {}, {"default": 0.5}, version=__version__)
+    pooled = score_predictions(full.y, oof[0], pooled_info)
+    metrics: dict = {"pooled": pooled, "auc": pooled["auc"], "auc_ci": pooled.get("auc_ci"),
+                     "folds": folds, "repeats": repeats, "per_fold": per_fold,
+                     "mean_sd": {key: _mean_sd([f[key] for f in per_fold])
+                                 for key in ("auc", "sensitivity", "specificity", "balanced_accuracy")}}
+    if repeats > 1:
+        metrics["pooled_per_repeat_auc"] = [score_predictions(full.y, oof[r], pooled_info)["auc"]
+                                            for r in range(repeats)]
+    if len(set(sites)) > 1:
+        metrics["per_site"] = {}
+        for site in sorted(set(sites)):
+            idx = np.flatnonzero(np.asarray(sites) == site)
+            metrics["per_site"][site] = score_predictions(full.y[idx], oof[0, idx], pooled_info)
+    if ext:
+        ens = np.mean(ext_probs, axis=0)
+        metrics["external"] = {
+            "source": str(external), "n": len(ext.y),
+            "per_fold_auc_mean_sd": _mean_sd([f["external_auc"] for f in per_fold]),
+            "ensemble": score_predictions(ext.y, ens, pooled_info),
+        }
+    metrics["data"] = {
+        "source": [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data),
+        "n_per_class": {c: int((full.y == i).sum()) for i, c in enumerate(classes)},
+        "sites": {s: int((np.asarray(sites) == s).sum()) for s in sorted(set(sites))} if any(sites) else {},
+        "grouping": cfg_grouping(cfg, n_dup, full),
+        "skipped_bad_images": bad,
+    }
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+
+    sections = [_fold_section(per_fold, metrics, bool(ext)), _site_section(metrics)]
+    extra_cols = {"fold": [int(f) + 1 for f in fold_of[0]], "site": sites}
+    write_evaluation(out, metrics | pooled, full.samples, full.y, oof[0], pooled_info,
+                     title=f"sonocad {folds}-fold cross-validation", extra_columns=extra_cols,
+                     extra_sections=[s for s in sections if s], predictions_name="oof_predictions.csv")
+    return metrics
+
+
+def cfg_grouping(cfg: TrainConfig, n_dup: int, full: Split) -> str:
+    parts = []
+    if any(s.group for s in full.samples):
+        parts.append("group column / patient ids")
+    if cfg.dedup:
+        parts.append(f"duplicate groups found by sonocad dedup ({n_dup} groups of 2+ images)")
+    return "; ".join(parts) or "image (no groups known)"
+
+
+def _fold_section(per_fold: list[dict], metrics: dict, external: bool) -> str:
+    header = ["repeat", "fold", "n", "AUC", "AUC 95% CI", "sensitivity", "specificity", "balanced accuracy"]
+    if external:
+        header += ["external AUC", "external 95% CI"]
+    rows = [[f["repeat"], f["fold"], f["n"], f["auc"], f["auc_ci"], f["sensitivity"], f["specificity"],
+             f["balanced_accuracy"], *([f["external_auc"], f["external_auc_ci"]] if external else [])]
+            for f in per_fold]
+    ms = metrics["mean_sd"]
+    text = (f"<h2>Folds</h2><p>Mean ± sd over folds: AUC {ms['auc'][0]:.3f} ± {ms['auc'][1]:.3f}, sensitivity "
+            f"{ms['sensitivity'][0]:.3f} ± {ms['sensitivity'][1]:.3f}, specificity {ms['specificity'][0]:.3f} ± "
+            f"{ms['specificity'][1]:.3f}. Each fold's sensitivity and specificity use the operating point "
+            "(threshold 0.5 of the class-weighted model) on its own held-out fold; pooled figures above use all "
+            "out-of-fold predictions at once.</p>" + html_table(header, rows))
+    if external:
+        e = metrics["external"]
+        en = e["ensemble"]
+        text += (f"<h2>External site</h2><p>{e['source']} (n={e['n']}): per-fold models AUC "
+                 f"{e['per_fold_auc_mean_sd'][0]:.3f} ± {e['per_fold_auc_mean_sd'][1]:.3f}; ensemble of the "
+                 f"{len(per_fold)} fold models (mean probability) AUC {en['auc']:.3f} (95% CI "
+                 f"{en['auc_ci'][0]:.3f}–{en['auc_ci'][1]:.3f}), sensitivity {en['sensitivity']:.3f}, "
+                 f"specificity {en['specificity']:.3f}.</p>")
+    return text
+
+
+def _site_section(metrics: dict) -> str:
+    if "per_site" not in metrics:
+        return ""
+    rows = [[site, m["n"], m["auc"], m.get("auc_ci"), m.get("sensitivity"), m.get("specificity")]
+            for site, m in metrics["per_site"].items()]
+    return "<h2>Per site (out-of-fold)</h2>" + html_table(
+        ["site", "n", "AUC", "AUC 95% CI", "sensitivity", "specificity"], rows)

@@ -1,0 +1,80 @@
+"""Cross-validation: folds keep duplicate groups and patients together; pooled OOF metrics; external site."""
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sonocad.cli import main
+from sonocad.cv import fold_indices
+from sonocad.data.synth import write_phantom_set
+
+
+def test_fold_indices_keep_groups_and_strata():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    groups = [f"p{i // 3}" for i in range(200)]
+    sites = ["a" if i < 120 else "b" for i in range(200)]
+    fold = fold_indices(y, groups, sites, 5, seed=0)
+    for g in set(groups):
+        assert len({fold[i] for i in range(200) if groups[i] == g}) == 1
+    assert sorted(set(fold)) == [0, 1, 2, 3, 4]
+    for k in range(5):
+        assert 25 <= (fold == k).sum() <= 55
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Phantoms plus resized, cropped and shifted copies of some of them, planted under new names."""
+    root = tmp_path_factory.mktemp("planted")
+    write_phantom_set(root, n=40, seed=4, size=96)
+    copies = {}
+    for cls in ("benign", "malignant"):
+        for i in range(1, 5):
+            src = root / cls / f"{cls} ({i}).png"
+            img = Image.open(src)
+            variants = {"resized": img.resize((140, 140)),
+                        "cropped": img.crop((8, 6, 90, 92)),
+                        "shifted": Image.fromarray(np.roll(np.asarray(img), 5, axis=1))}
+            for kind, v in variants.items():
+                dst = root / cls / f"copy-{kind}-{i}.png"
+                v.save(dst)
+                copies[str(dst)] = str(src)
+    return root, copies
+
+
+def test_cv_keeps_planted_copies_in_one_fold(planted, tmp_path, capsys):
+    root, copies = planted
+    ext = tmp_path / "ext"
+    write_phantom_set(ext, n=8, seed=9, size=80)
+    out = tmp_path / "cv"
+    rc = main(["cv", str(root), "--folds", "3", "--out", str(out), "--img-size", "48", "--head-epochs", "2",
+               "--finetune-epochs", "1", "--batch-size", "8", "--external", str(ext), "--quiet"])
+    assert rc == 0
+    with open(out / "oof_predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:5] == ["path", "label", "group", "fold", "site"] and "prob" in rows[0]
+    fold = {r["path"]: r["fold"] for r in rows}
+    assert len(fold) == 40 + 24
+    for copy, src in copies.items():
+        assert fold[copy] == fold[src], f"{copy} and its original {src} are in different folds"
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["per_fold"]) == 3 and len(m["pooled"]["auc_ci"]) == 2
+    assert m["external"]["n"] == 8 and "ensemble" in m["external"]
+    for k in (1, 2, 3):
+        assert (out / f"fold-{k}" / "model.safetensors").is_file()
+        assert (out / f"fold-{k}" / "external" / "predictions.csv").is_file()
+    assert "external" in capsys.readouterr().out
+    before = (out / "fold-1" / "model.safetensors").stat().st_mtime_ns
+    # run again: finished folds are reused, not retrained
+    assert main(["cv", str(root), "--folds", "3", "--out", str(out), "--img-size", "48", "--head-epochs", "2",
+                 "--finetune-epochs", "1", "--batch-size", "8", "--external", str(ext), "--quiet"]) == 0
+    assert (out / "fold-1" / "model.safetensors").stat().st_mtime_ns == before
+    assert json.loads((out / "metrics.json").read_text())["pooled"]["auc"] == m["pooled"]["auc"]
+
+
+def test_compare_two_runs(tiny_run, phantoms, capsys):
+    assert main(["compare", str(tiny_run), str(tiny_run), str(phantoms)]) == 0
+    out = capsys.readouterr().out
+    assert "difference +0.000" in out and "p=1.0000" in out

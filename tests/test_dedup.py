@@ -1,0 +1,141 @@
+"""Duplicate finding: planted copies join their originals, distinct images stay apart, conflicts, CSV."""
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from conftest import BUSI, need
+from sonocad.data.dedup import DedupResult, find_duplicates, link, plant_copy
+from sonocad.data.synth import make_phantom
+from sonocad.errors import SonocadError
+
+LABELS = ["benign", "malignant", "benign", "malignant", "normal", "benign"]
+
+
+def _overlay(img: Image.Image) -> Image.Image:
+    img = img.copy()
+    d = ImageDraw.Draw(img)
+    d.text((4, 4), "LT BREAST 2:00", fill=255)
+    d.text((60, 110), "D1 1.2cm", fill=230)
+    for x, y in ((40, 50), (90, 70)):
+        d.line([(x - 4, y), (x + 4, y)], fill=255)
+        d.line([(x, y - 4), (x, y + 4)], fill=255)
+    return img
+
+
+def _copies(img: Image.Image) -> dict[str, Image.Image]:
+    w, h = img.size
+    shifted = Image.new("L", img.size, 0)
+    shifted.paste(img, (13, -11))
+    return {
+        "resized": img.resize((int(w * 1.4), int(h * 1.4)), Image.BILINEAR),
+        "shrunk": img.resize((int(w * 0.75), int(h * 0.75)), Image.BILINEAR),
+        "cropped": img.crop((9, 14, 9 + int(w * 0.82), 14 + int(h * 0.85))),
+        "shifted": shifted,
+        "overlay": _overlay(img),
+    }
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Six distinct phantoms, five copies of each of the first three, as files."""
+    out = tmp_path_factory.mktemp("dedup")
+    paths, labels, origin = [], [], []
+    for i, label in enumerate(LABELS):
+        img = Image.fromarray(make_phantom(label, np.random.default_rng(i), size=128)[0])
+        p = out / f"orig{i}.png"
+        img.save(p)
+        paths.append(str(p)), labels.append(label), origin.append(i)
+        if i < 3:
+            for name, cp in _copies(img).items():
+                p = out / f"copy{i}_{name}.png"
+                cp.save(p)
+                paths.append(str(p)), labels.append(label), origin.append(i)
+            p = out / f"copy{i}_jpeg.jpg"
+            img.save(p, quality=60)
+            paths.append(str(p)), labels.append(label), origin.append(i)
+    return paths, labels, origin
+
+
+def test_planted_copies_join_their_originals(planted):
+    paths, labels, origin = planted
+    res = find_duplicates(paths, labels)
+    first = {o: paths.index(next(p for p, q in zip(paths, origin) if q == o)) for o in set(origin)}
+    for k, o in enumerate(origin):
+        assert res.group[k] == res.group[first[o]], f"{paths[k]} not grouped with its original"
+    assert len({res.group[first[o]] for o in first}) == len(first), "distinct images were merged"
+    assert len(res.groups) == 3 and all(len(g) == 7 for g in res.groups)
+    assert all(res.group[first[o]].startswith("img-") for o in (3, 4, 5))
+    assert not res.conflicts
+    for i, j, score, kind in res.pairs:
+        assert origin[i] == origin[j] and i < j and 0 < score <= 1 and kind
+
+
+def test_phash_alone_catches_resized_and_overlaid_copies(planted):
+    paths, labels, origin = planted
+    res = find_duplicates(paths, labels, method="phash")
+    for name in ("resized", "shrunk", "overlay", "jpeg"):
+        k = next(i for i, p in enumerate(paths) if f"copy0_{name}" in p)
+        assert res.group[k] == res.group[0], name
+    assert len({res.group[paths.index(p)] for p in paths if "orig" in p}) == 6
+
+
+def test_copy_with_another_label_is_a_conflict(planted):
+    paths, labels, origin = planted
+    labels = list(labels)
+    k = next(i for i, p in enumerate(paths) if "copy1_cropped" in p)
+    labels[k] = "benign" if labels[k] != "benign" else "malignant"
+    res = find_duplicates(paths, labels)
+    assert len(res.conflicts) == 1
+    assert k in res.conflicts[0] and origin.index(1) in res.conflicts[0]
+    assert {origin[i] for i in res.conflicts[0]} == {1}
+
+
+def test_to_csv_writes_path_group_label(planted, tmp_path):
+    paths, labels, _ = planted
+    res = link(len(paths), [(0, 1, 0.99, "match")], labels)
+    out = tmp_path / "sub" / "groups.csv"
+    res.to_csv(out, paths, labels)
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["path", "group", "label"]
+    assert [r["path"] for r in rows] == paths and [r["label"] for r in rows] == labels
+    assert rows[0]["group"] == rows[1]["group"] == "dup-0001"
+    assert len({r["group"] for r in rows}) == len(paths) - 1
+    assert not [p for p in out.parent.iterdir() if p.name != "groups.csv"]   # no temp file left
+    with pytest.raises(SonocadError):
+        res.to_csv(out, paths[:-1], labels)
+
+
+def test_link_is_transitive_and_ids_are_stable():
+    res = link(6, [(0, 3, 0.9, "phash"), (3, 5, 0.9, "match"), (1, 2, 1.0, "exact")], list("aabbab"))
+    assert res.groups == [[0, 3, 5], [1, 2]]
+    assert res.group == ["dup-0001", "dup-0002", "dup-0002", "dup-0001", "img-0004", "dup-0001"]
+    assert res.conflicts == [[0, 3, 5], [1, 2]]
+    assert link(0, []) == DedupResult([], [], [], [])
+
+
+def test_bad_arguments(planted):
+    paths, labels, _ = planted
+    with pytest.raises(SonocadError, match="method"):
+        find_duplicates(paths, method="ssim")
+    with pytest.raises(SonocadError, match="labels"):
+        find_duplicates(paths, labels[:-1])
+    with pytest.raises(SonocadError, match="kind"):
+        plant_copy(Image.new("L", (64, 64)), "rotate", np.random.default_rng(0))
+    assert find_duplicates([]).group == []
+
+
+def test_busi_known_duplicates():
+    """Copies in BUSI (an exact re-save, a crop, a copy filed under both classes) and unrelated images."""
+    root = need(BUSI)
+    names = ["benign/benign (1).png", "benign/benign (318).png",          # the same frame saved twice
+             "benign/benign (62).png", "benign/benign (140).png",         # one is a crop of the other
+             "benign/benign (333).png", "malignant/malignant (77).png",   # filed under both classes
+             "benign/benign (10).png", "benign/benign (200).png", "malignant/malignant (30).png",
+             "malignant/malignant (150).png", "normal/normal (70).png", "normal/normal (100).png"]
+    paths = [str(root / n) for n in names]
+    labels = [n.split("/")[0] for n in names]
+    res = find_duplicates(paths, labels)
+    assert res.groups == [[0, 1], [2, 3], [4, 5]]
+    assert res.conflicts == [[4, 5]]
