@@ -19,12 +19,13 @@ BUSI = ROOT.parent / "shared/data/busi/Dataset_BUSI_with_GT"
 BUSBRA = ROOT.parent / "shared/data/busbra/BUSBRA"
 
 EXPERIMENTS: dict[str, dict] = {
-    "baseline": {},
+    "default": {},
+    "baseline": {"clean_overlays": False},          # the default recipe before overlay removal
     "clean_overlays": {"clean_overlays": True},
     "no_dedup": {"dedup": False},
     "img288": {"img_size": 288},
     "unfreeze4": {"unfreeze": "4"},
-    "unfreeze_all": {"unfreeze": "all", "finetune_lr": 1e-4},
+    "unfreeze_all": {"unfreeze": "all", "finetune_lr": 1e-4, "clean_overlays": False},
     "stretch": {"resize": "stretch"},
     "no_augment": {"augment": False},
     "no_tta": {"tta": False},

@@ -28,7 +28,7 @@ class TrainConfig:
     weights: str | None = None          # local checkpoint instead of the packaged / hub weights
     img_size: int | None = None         # None: the backbone's pretrained input size
     resize: str = "pad"                 # pad (keep aspect ratio, letterbox) | stretch (the notebook's)
-    clean_overlays: bool = False        # paint over near-white calipers, text and markers before resizing
+    clean_overlays: bool = True         # paint over bright calipers, text and markers before resizing
     hidden: int = 256
     dropout: float = 0.3
     # data
@@ -127,7 +127,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "notebook": dict(
         model="inception_v3", img_size=224, resize="stretch", batch_size=8, optimizer="adagrad",
         head_lr=1e-2, finetune_lr=1e-3, balance="undersample", offline_augment=7, augment=False,
-        unfreeze="2", head_epochs=30, finetune_epochs=15, patience=5, tta=False,
+        unfreeze="2", head_epochs=30, finetune_epochs=15, patience=5, tta=False, clean_overlays=False,
     ),
 }
 

@@ -274,10 +274,14 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _checkpoint(self, opt=None, sched=None) -> None:
+        # in phase 1 only the head changes: checkpoint the head alone (kilobytes, not the whole model)
+        keep = (lambda k: k.startswith("head.")) if self.phase == "head" else (lambda k: True)
         state = {
-            "phase": self.phase, "epoch": self.epoch, "model": self.model.state_dict(),
+            "phase": self.phase, "epoch": self.epoch,
+            "model": {k: v for k, v in self.model.state_dict().items() if keep(k)},
             "optimizer": opt.state_dict() if opt else {}, "scheduler": sched.state_dict() if sched else {},
-            "best_state": self.stopper.state or {}, "best": self.stopper.best, "bad_epochs": self.stopper.bad_epochs,
+            "best_state": {k: v for k, v in (self.stopper.state or {}).items() if keep(k)},
+            "best": self.stopper.best, "bad_epochs": self.stopper.bad_epochs,
             "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
             "log": json.dumps(self.log), "seconds": json.dumps(self.seconds),
         }
@@ -287,12 +291,13 @@ class Trainer:
     def _restore(self) -> None:
         path = self.ckpt_dir / "last.pt"
         state = read_checkpoint(path)
+        initial = {k: v.clone() for k, v in self.model.state_dict().items()}
         try:
-            self.model.load_state_dict(state["model"])
+            self.model.load_state_dict({**initial, **state["model"]})
         except Exception as e:
             raise SonocadError(f"{path}: checkpoint does not fit this model ({e.__class__.__name__})") from None
         self.phase, self.epoch = state["phase"], int(state["epoch"])
-        self.stopper.state = state["best_state"] or None
+        self.stopper.state = {**initial, **state["best_state"]} if state["best_state"] else None
         self.stopper.best, self.stopper.bad_epochs = float(state["best"]), int(state["bad_epochs"])
         self.gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
@@ -316,10 +321,9 @@ class Trainer:
             self._timed("finetune", self.phase_finetune)
             self.phase = "done"
             self._checkpoint()
-        if self.stopper.state is not None:
+        if self.stopper.state is not None:   # else no epoch ran: the initial model is the result
             self.model.load_state_dict(self.stopper.state)
-        else:   # no epoch ran at all: the initial model is the result
-            save_model(self.model, self.out / "model.safetensors")
+        save_model(self.model, self.out / "model.safetensors")
         return self.model.eval()
 
     def _timed(self, phase: str, fn) -> None:
@@ -446,8 +450,6 @@ class Trainer:
     def _end_epoch(self, losses, val_logits, lr, t0, bar, opt, sched) -> None:
         scores = _val_scores(val_logits, self.val.y, self.loss_fn, self.n_classes)
         improved = self.stopper.update(scores["val_loss"], self.model)
-        if improved:
-            save_model(self.model, self.out / "model.safetensors")
         self.epoch += 1
         row = {"phase": self.phase, "epoch": self.epoch, "loss": float(np.mean(losses)), **scores, "lr": lr,
                "seconds": round(time.perf_counter() - t0, 3), "best": int(improved)}
@@ -495,6 +497,8 @@ def train_and_evaluate(model: Classifier, info: RunInfo, train: Split, val: Spli
     cfg = info.config
     info.save(out / "config.json")
     pipeline = InputPipeline(info.mean, info.std, precision)
+    # seed again here: whatever ran before (a cached or a fresh duplicate search) must not change training
+    seed_everything(cfg.seed)
     trainer = Trainer(model, train, val, len(info.classes), cfg, precision, pipeline, out, progress, resume)
     model = trainer.run()
     val_prob = predict_probs(model, val.images, pipeline, cfg.tta)
