@@ -72,6 +72,11 @@ def test_cv_keeps_planted_copies_in_one_fold(planted, tmp_path, capsys):
                  "--finetune-epochs", "1", "--batch-size", "8", "--external", str(ext), "--quiet"]) == 0
     assert (out / "fold-1" / "model.safetensors").stat().st_mtime_ns == before
     assert json.loads((out / "metrics.json").read_text())["pooled"]["auc"] == m["pooled"]["auc"]
+    # the cv folder is an ensemble for evaluate and predict: same AUC as the cv's external figure
+    assert main(["evaluate", str(out), str(ext), "--out", str(tmp_path / "ens")]) == 0
+    ens = json.loads((tmp_path / "ens" / "metrics.json").read_text())
+    assert ens["auc"] == pytest.approx(m["external"]["ensemble"]["auc"], abs=1e-6)
+    assert main(["predict", str(out), str(ext / "benign")]) == 0
 
 
 def test_compare_two_runs(tiny_run, phantoms, capsys):

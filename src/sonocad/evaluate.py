@@ -48,6 +48,44 @@ def load_run(run: str | Path, precision: str = "auto") -> tuple[RunInfo, Classif
     return info, model, InputPipeline(info.mean, info.std, prec)
 
 
+class Predictor:
+    """A trained run, or the ensemble of a cross-validation's fold models (mean probability), with the
+    preprocessing they were trained with. `predict(images)` gives class probabilities (N, C)."""
+
+    def __init__(self, info: RunInfo, members: list[tuple[Classifier, InputPipeline]]):
+        self.info, self.members = info, members
+
+    def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        return np.mean([predict_images(m, p, images, self.info.config.tta, batch_size) for m, p in self.members],
+                       axis=0)
+
+
+PREPROCESSING = ("model", "resize", "clean_overlays", "tta")
+
+
+def load_predictor(run: str | Path, precision: str = "auto") -> Predictor:
+    """A run directory, or a `sonocad cv` directory whose fold models become one ensemble."""
+    run = Path(run)
+    if (run / "config.json").is_file() or not run.is_dir():
+        info, model, pipeline = load_run(run, precision)
+        return Predictor(info, [(model, pipeline)])
+    folds = sorted(run.glob("fold-*/config.json")) + sorted(run.glob("repeat-*/fold-*/config.json"))
+    if not folds:
+        raise SonocadError(f"{run}: no config.json (nor cross-validation folds); is this a sonocad run directory?")
+    loaded = [load_run(f.parent, precision) for f in folds]
+    first = loaded[0][0]
+    for info, _, _ in loaded[1:]:
+        if info.classes != first.classes or info.img_size != first.img_size or any(
+                getattr(info.config, k) != getattr(first.config, k) for k in PREPROCESSING):
+            raise SonocadError(f"{run}: fold models differ in classes or preprocessing; cannot ensemble them")
+    names = set.intersection(*(set(i.thresholds or {}) for i, _, _ in loaded))
+    thresholds = {n: float(np.mean([i.thresholds[n] for i, _, _ in loaded])) for n in sorted(names)}
+    info = RunInfo(first.config, first.classes, first.positive, first.img_size, first.mean, first.std,
+                   {"ensemble_of": [str(f.parent) for f in folds]}, thresholds or {"default": 0.5},
+                   version=first.version)
+    return Predictor(info, [(m, p) for _, m, p in loaded])
+
+
 def predict_images(model: Classifier, pipeline: InputPipeline, images: np.ndarray, tta: bool,
                    batch_size: int = 64) -> np.ndarray:
     """Class probabilities (N, num_classes) for uint8 images (N, S, S)."""
@@ -120,13 +158,14 @@ def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
     """Evaluate a trained run on another dataset, using the run's classes and ignoring other classes.
     `shortcut=True` adds the shortcut check (overlays removed, lesion masked out) on images with masks."""
     out = ensure_writable_dir(out)
-    info, model, pipeline = load_run(run, precision)
+    predictor = load_predictor(run, precision)
+    info = predictor.info
     samples = discover(data, info.classes, allow_missing_classes=True)
     images, good, bad = load_many([s.path for s in samples], info.img_size, info.config.resize, skip_bad,
                                   clean_overlays=info.config.clean_overlays)
     samples = [samples[i] for i in good]
     y = np.asarray([info.classes.index(s.label) for s in samples])
-    probs = predict_images(model, pipeline, images, info.config.tta)
+    probs = predictor.predict(images)
     metrics = score_predictions(y, probs, info)
     metrics["data"] = {"source": str(data) if not isinstance(data, (list, tuple)) else [str(d) for d in data],
                        "run": str(run), "skipped_bad_images": bad}
@@ -169,7 +208,8 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
 def predict_paths(run: str | Path, inputs: list[str | Path], skip_bad: bool = False,
                   precision: str = "auto", batch_size: int = 64) -> list[dict]:
     """Per-image class probabilities and predicted class for image files and folders."""
-    info, model, pipeline = load_run(run, precision)
+    predictor = load_predictor(run, precision)
+    info = predictor.info
     files = image_files(inputs)
     rows = []
     threshold = (info.thresholds or {}).get("default", 0.5)
@@ -178,7 +218,7 @@ def predict_paths(run: str | Path, inputs: list[str | Path], skip_bad: bool = Fa
         chunk = [str(f) for f in files[start:start + 512]]
         images, good, bad = load_many(chunk, info.img_size, info.config.resize, skip_bad,
                                       clean_overlays=info.config.clean_overlays)
-        probs = predict_images(model, pipeline, images, info.config.tta, batch_size)
+        probs = predictor.predict(images, batch_size)
         for i, p in zip(good, probs):
             pred = (info.classes[int(p[1] >= threshold)] if len(info.classes) == 2
                     else info.classes[int(np.argmax(p))])
@@ -196,7 +236,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path, data, skip_bad: bool = Fa
 
     probs, ys = [], []
     for run in (run_a, run_b):
-        info, model, pipeline = load_run(run, precision)
+        predictor = load_predictor(run, precision)
+        info = predictor.info
         if len(info.classes) != 2:
             raise SonocadError(f"{run}: compare needs binary runs; this one has classes {', '.join(info.classes)}")
         samples = discover(data, info.classes, allow_missing_classes=True)
@@ -204,7 +245,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, data, skip_bad: bool = Fa
                                     clean_overlays=info.config.clean_overlays)
         samples = [samples[i] for i in good]
         ys.append(({s.path for s in samples}, np.asarray([info.classes.index(s.label) for s in samples])))
-        probs.append(predict_images(model, pipeline, images, info.config.tta)[:, 1])
+        probs.append(predictor.predict(images)[:, 1])
         if len(ys) == 2 and (ys[0][0] != ys[1][0] or not np.array_equal(ys[0][1], ys[1][1])):
             raise SonocadError(f"{run_a} and {run_b} see different images or classes in {data}; "
                                "compare needs the same binary task")

@@ -18,7 +18,7 @@ from scipy import ndimage
 from .data import discover
 from .data.images import load_gray, remove_overlays, to_square
 from .errors import SonocadError
-from .evaluate import load_run, predict_images
+from .evaluate import load_predictor
 from .metrics import delong_auc_ci
 
 
@@ -44,7 +44,8 @@ def mask_out(image: np.ndarray, mask: np.ndarray, margin: int = 4, sigma: float 
 def shortcut_check(run: str | Path, data, max_images: int | None = None) -> dict:
     """AUC and mean absolute change of the positive-class probability for three versions of every image
     that has a lesion mask: as it is, with overlays removed, and with the lesion masked out."""
-    info, model, pipeline = load_run(run)
+    predictor = load_predictor(run)
+    info = predictor.info
     if len(info.classes) != 2:
         raise SonocadError("the shortcut check needs a binary run")
     samples = [s for s in discover(data, info.classes, allow_missing_classes=True) if s.masks]
@@ -63,7 +64,7 @@ def shortcut_check(run: str | Path, data, max_images: int | None = None) -> dict
                                             else to_square(remove_overlays(gray), size, resize))
         versions["lesion_masked"].append(mask_out(img, lesion_mask(s.masks, size, resize)))
     y = np.asarray([info.classes.index(s.label) for s in samples])
-    probs = {k: predict_images(model, pipeline, np.stack(v), info.config.tta)[:, 1] for k, v in versions.items()}
+    probs = {k: predictor.predict(np.stack(v))[:, 1] for k, v in versions.items()}
     result = {"n": len(samples), "data": str(data)}
     for k, p in probs.items():
         auc, lo, hi = delong_auc_ci(y, p)

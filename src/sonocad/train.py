@@ -390,11 +390,7 @@ class Trainer:
                     x = self.pipeline(self.train.images[idx], self.gen if cfg.augment else None)
                     with self.precision.autocast():
                         logits = model(x)
-                loss = self.loss_fn(logits, y[idx].to(logits.device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
+                losses.append(self._step(opt, logits, y[idx]))
             lr = opt.param_groups[0]["lr"]
             sched.step()
             head.eval()
@@ -437,15 +433,20 @@ class Trainer:
                 x = self.pipeline(self.train.images[idx], self.gen if cfg.augment else None)
                 with self.precision.autocast():
                     logits = model(x)
-                loss = self.loss_fn(logits, y[idx].to(logits.device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
+                losses.append(self._step(opt, logits, y[idx], sched))
             model.eval()
             val_logits = run_batches(model, self.val.images, self.pipeline)
             self._end_epoch(losses, val_logits, opt.param_groups[0]["lr"], t0, bar, opt, sched)
+
+    def _step(self, opt, logits, y, sched=None) -> float:
+        """One optimisation step on a batch's logits; returns its loss."""
+        loss = self.loss_fn(logits, y.to(logits.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:   # phase 2 schedules per batch, phase 1 per epoch
+            sched.step()
+        return loss.item()
 
     def _end_epoch(self, losses, val_logits, lr, t0, bar, opt, sched) -> None:
         scores = _val_scores(val_logits, self.val.y, self.loss_fn, self.n_classes)
