@@ -88,13 +88,15 @@ def test_remove_overlays_paints_over_marks_and_equals_a_median_filter():
     from sonocad.data.images import remove_overlays
 
     rng = np.random.default_rng(0)
-    a = rng.integers(60, 120, (80, 100)).astype(np.uint8)
+    a = rng.integers(60, 120, (180, 200)).astype(np.uint8)
     a[40, 20:60] = 250             # a caliper line
     a[10:14, 70:74] = 240          # a marker
-    a[60:80, :] = 200              # a broad bright band: tissue, not a mark
+    a[140:180, :] = 200            # a broad bright band: tissue, not a mark
     out = np.asarray(remove_overlays(Image.fromarray(a)))
     assert out[40, 20:60].max() < 130 and out[10:14, 70:74].max() < 130
-    assert (out[65:80, 10:90] == 200).all()
+    assert (out[150:180, 10:190] == 200).all()
+    small = a[:120, :150].copy()   # thumbnails are left alone
+    assert np.array_equal(np.asarray(remove_overlays(Image.fromarray(small))), small)
     # the sparse computation equals a full 9x9 median filter wherever it paints
     full = ndimage.median_filter(a.astype(np.int16), size=9)
     changed = out != a
