@@ -132,3 +132,18 @@ def test_mask_out_hides_the_lesion():
     mask[20:40, 20:40] = True
     out = mask_out(img, mask)
     assert abs(int(out[30, 30]) - 120) < 5 and out[0, 0] == 120
+
+
+def test_temperature_scaling_and_bootstrap_ci(phantoms, tmp_path):
+    """Temperature fitted on validation data is saved with the model and used by predict."""
+    from sonocad.evaluate import load_run
+    from sonocad.train import fit
+
+    m = fit(phantoms, tmp_path / "t", img_size=48, head_epochs=3, finetune_epochs=1, batch_size=8,
+            temperature_scaling=True, ci="bootstrap", progress=False)
+    info, model, _ = load_run(tmp_path / "t")
+    assert info.temperature > 0 and float(model.temperature) == pytest.approx(info.temperature)
+    assert info.temperature != 1.0
+    assert m["auc_ci_method"].startswith("bootstrap")
+    for f in ("pr.png", "confusion_youden.png", "confusion_high_sensitivity.png"):
+        assert (tmp_path / "t" / "plots" / f).is_file(), f

@@ -49,6 +49,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int)
     p.add_argument("--dropout", type=float)
     p.add_argument("--no-tta", dest="tta", action="store_false", default=None)
+    p.add_argument("--temperature-scaling", dest="temperature_scaling", action="store_true", default=None,
+                   help="calibrate probabilities with a temperature fitted on validation data")
+    p.add_argument("--ci", choices=["delong", "bootstrap"], help="AUC confidence interval method (default delong)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int)
     p.add_argument("--seed", type=int)
@@ -61,7 +64,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 CONFIG_ARGS = ("classes", "positive", "model", "weights", "pretrained", "img_size", "resize", "balance", "augment",
                "offline_augment", "test_size", "val_size", "head_epochs", "finetune_epochs", "head_lr",
                "finetune_lr", "unfreeze", "optimizer", "batch_size", "patience", "dropout", "tta", "precision",
-               "threads", "seed", "skip_bad", "dedup", "clean_overlays")
+               "threads", "seed", "skip_bad", "dedup", "clean_overlays", "temperature_scaling", "ci")
 
 
 def _print_metrics(m: dict, where: str) -> None:

@@ -56,6 +56,8 @@ class TrainConfig:
     cache_features: bool = True         # phase 1 trains the head on backbone features computed once
     feature_views: int = 4              # augmented views per training image among the cached features
     tta: bool = True                    # average the prediction with its horizontal flip
+    temperature_scaling: bool = False   # fit a temperature on validation data (binary), saved with the model
+    ci: str = "delong"                  # AUC confidence interval: delong | bootstrap (stratified)
     precision: str = "auto"             # auto | fp32 | bf16 | fp16
     threads: int = 0                    # torch threads; 0 = leave torch's default
     seed: int = 0
@@ -71,6 +73,8 @@ class TrainConfig:
             bad("balance", f"must be weighted, undersample or none, not {self.balance!r}")
         if self.optimizer not in ("adamw", "adagrad", "sgd"):
             bad("optimizer", f"must be adamw, adagrad or sgd, not {self.optimizer!r}")
+        if self.ci not in ("delong", "bootstrap"):
+            bad("ci", f"must be delong or bootstrap, not {self.ci!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             bad("precision", f"must be auto, fp32, bf16 or fp16, not {self.precision!r}")
         if self.unfreeze != "all" and not (str(self.unfreeze).isdigit()):

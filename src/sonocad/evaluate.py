@@ -101,7 +101,8 @@ def score_predictions(y: np.ndarray, probs: np.ndarray, info: RunInfo) -> dict:
     n_per_class = {c: int((y == i).sum()) for i, c in enumerate(classes)}
     if len(classes) == 2:
         thresholds = info.thresholds or {"default": 0.5}
-        m = binary_metrics(y == 1, probs[:, 1], threshold=thresholds.get("default", 0.5))
+        m = binary_metrics(y == 1, probs[:, 1], threshold=thresholds.get("default", 0.5),
+                           ci=getattr(info.config, "ci", "delong"), seed=info.config.seed)
         m["operating_points"] = {}
         for name, t in thresholds.items():
             if t is None or not np.isfinite(t):

@@ -34,6 +34,8 @@ class Classifier(nn.Module):
             nn.Linear(backbone.num_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(hidden, num_outputs))
         self.num_outputs = num_outputs
+        # temperature scaling (fitted on validation data when asked); saved with the weights
+        self.register_buffer("temperature", torch.ones(()))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -43,7 +45,7 @@ class Classifier(nn.Module):
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Class probabilities (N, num_classes) from logits, for binary and multi-class heads alike."""
-        logits = logits.float()
+        logits = logits.float() / self.temperature.float().cpu()
         if self.num_outputs == 1:
             p = torch.sigmoid(logits[:, 0])
             return torch.stack([1 - p, p], dim=1)

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve  # noqa: E402
 
 from .io import atomic_path, atomic_write_text  # noqa: E402
 
@@ -29,6 +29,8 @@ def _save(fig, path: Path) -> Path:
 def plot_roc(y_pos: np.ndarray, prob: np.ndarray, metrics: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     if len(np.unique(y_pos)) == 2:
+        grid, lo_band, hi_band = roc_band(y_pos, prob)
+        ax.fill_between(grid, lo_band, hi_band, color="C0", alpha=0.2, lw=0, label="95% band (bootstrap)")
         fpr, tpr, _ = roc_curve(y_pos, prob)
         lo, hi = metrics.get("auc_ci", [float("nan")] * 2)
         ax.plot(fpr, tpr, lw=2, label=f"AUC {metrics['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f})")
@@ -37,6 +39,32 @@ def plot_roc(y_pos: np.ndarray, prob: np.ndarray, metrics: dict, path: Path) -> 
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (test data)", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=7)
+    return _save(fig, path)
+
+
+def roc_band(y_pos: np.ndarray, prob: np.ndarray, n_boot: int = 300, seed: int = 0):
+    """Pointwise 95% band of the ROC curve (sensitivity at each 1 - specificity) by stratified bootstrap."""
+    rng = np.random.default_rng(seed)
+    grid = np.linspace(0, 1, 101)
+    pos, neg = np.flatnonzero(y_pos == 1), np.flatnonzero(y_pos == 0)
+    curves = []
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        fpr, tpr, _ = roc_curve(y_pos[idx], prob[idx])
+        curves.append(np.interp(grid, fpr, tpr))
+    lo, hi = np.percentile(curves, [2.5, 97.5], axis=0)
+    return grid, lo, hi
+
+
+def plot_pr(y_pos: np.ndarray, prob: np.ndarray, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    if len(np.unique(y_pos)) == 2:
+        precision, recall, _ = precision_recall_curve(y_pos, prob)
+        ax.plot(recall, precision, lw=2, label=f"average precision {average_precision_score(y_pos, prob):.3f}")
+        ax.axhline(y_pos.mean(), color="k", ls="--", lw=1, label=f"prevalence {y_pos.mean():.2f}")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="precision-recall", xlim=(0, 1),
+           ylim=(0, 1.01))
+    ax.legend(loc="lower left", fontsize=7)
     return _save(fig, path)
 
 
@@ -119,8 +147,13 @@ def write_report(out: Path, metrics: dict, y: np.ndarray, probs: np.ndarray, inf
     if len(classes) == 2:
         y_pos = (y == 1).astype(int)
         figs.append(plot_roc(y_pos, probs[:, 1], metrics, plots / "roc.png"))
+        figs.append(plot_pr(y_pos, probs[:, 1], plots / "pr.png"))
         figs.append(plot_confusion(metrics["confusion_matrix"], classes, plots / "confusion_matrix.png",
                                    f"threshold {metrics['threshold']:.2f}"))
+        for name, op in metrics.get("operating_points", {}).items():
+            if name != "default":
+                figs.append(plot_confusion(op["confusion_matrix"], classes, plots / f"confusion_{name}.png",
+                                           f"{name} (threshold {op['threshold']:.2f})"))
         if len(y):
             cal = calibration(y_pos, probs[:, 1])
             metrics_cal = {"ece": cal["ece"], "brier": cal["brier"]}

@@ -502,6 +502,13 @@ def train_and_evaluate(model: Classifier, info: RunInfo, train: Split, val: Spli
     seed_everything(cfg.seed)
     trainer = Trainer(model, train, val, len(info.classes), cfg, precision, pipeline, out, progress, resume)
     model = trainer.run()
+    if cfg.temperature_scaling and len(info.classes) == 2:
+        from .metrics import fit_temperature
+
+        val_logits = run_batches(model, val.images, pipeline, tta=cfg.tta)[:, 0]
+        info.temperature = fit_temperature(val.y, val_logits)
+        model.temperature.fill_(info.temperature)
+        save_model(model, out / "model.safetensors")
     val_prob = predict_probs(model, val.images, pipeline, cfg.tta)
     test_prob = predict_probs(model, test.images, pipeline, cfg.tta)
     if len(info.classes) == 2:
