@@ -9,7 +9,6 @@ optionally every fold model (and their ensemble) on an external site.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
@@ -79,10 +78,8 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
         ext_samples = discover(external, classes, allow_missing_classes=True)
         ext, bad_ext = decode_split(ext_samples, classes, cfg, img_size, "external")
         bad += bad_ext
-    binary = len(classes) == 2
     pipeline = InputPipeline(mean, std, precision)
 
-    runs = []   # (repeat, fold, fold_dir)
     oof = np.zeros((repeats, len(full.y), len(classes)))
     fold_of = np.zeros((repeats, len(full.y)), int)
     ext_probs = []
@@ -97,15 +94,7 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
             test = full.take(held)
             ext_csv = fold_dir / "external" / "predictions.csv"
             done = (fold_dir / "metrics.json").is_file() and (not ext or ext_csv.is_file())
-            if done:
-                paths, probs = read_predictions(fold_dir / "predictions.csv", classes)
-                if paths != [s.path for s in test.samples]:
-                    raise SonocadError(f"{fold_dir}: finished fold holds other images than this split; "
-                                       "use a new --out folder")
-                info = RunInfo.load(fold_dir / "config.json")
-                if ext:
-                    ext_probs.append(read_predictions(ext_csv, classes)[1])
-            else:
+            if not done:
                 fold_cfg = TrainConfig.from_dict({**cfg.to_dict(), "seed": seed + k})
                 train, val = split_train_val(full.take(rest), fold_cfg)
                 summary = data_summary(data, f"fold {k + 1} of {folds}", classes, train, val, test, bad)
@@ -115,13 +104,18 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
                 if progress:
                     print(f"fold {k + 1}/{folds}" + (f" (repeat {r + 1})" if repeats > 1 else ""), flush=True)
                 train_and_evaluate(model, info, train, val, test, fold_dir, precision, progress)
-                probs = predict_images(model, pipeline, test.images, cfg.tta)
                 if ext:
                     p_ext = predict_images(model, pipeline, ext.images, cfg.tta)
-                    m_ext = score_predictions(ext.y, p_ext, info)
-                    write_evaluation(fold_dir / "external", m_ext, ext.samples, ext.y, p_ext, info,
-                                     title=f"fold {k + 1} model on {external}")
-                    ext_probs.append(p_ext)
+                    write_evaluation(fold_dir / "external", score_predictions(ext.y, p_ext, info), ext.samples,
+                                     ext.y, p_ext, info, title=f"fold {k + 1} model on {external}")
+            # fresh and reused folds alike are read back from their files, so a re-run gives the same numbers
+            paths, probs = read_predictions(fold_dir / "predictions.csv", classes)
+            if paths != [s.path for s in test.samples]:
+                raise SonocadError(f"{fold_dir}: finished fold holds other images than this split; "
+                                   "use a new --out folder")
+            info = RunInfo.load(fold_dir / "config.json")
+            if ext:
+                ext_probs.append(read_predictions(ext_csv, classes)[1])
             oof[r, held] = probs
             fm = score_predictions(test.y, probs, info)
             row = {"repeat": r + 1, "fold": k + 1, **{key: fm[key] for key in FOLD_KEYS}}
@@ -130,7 +124,6 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
                 row["external_auc"] = em["auc"]
                 row["external_auc_ci"] = em.get("auc_ci", [float("nan")] * 2)
             per_fold.append(row)
-            runs.append((r, k, fold_dir))
 
     pooled_info = RunInfo(cfg, classes, positive, img_size, mean, std, {}, {"default": 0.5}, version=__version__)
     pooled = score_predictions(full.y, oof[0], pooled_info)

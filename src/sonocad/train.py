@@ -29,7 +29,7 @@ from .data import discover, load_many, resolve_classes, stratified_group_split, 
 from .data.split import group_ids
 from .data.augment import augment_batch
 from .errors import SonocadError
-from .evaluate import score_predictions, write_evaluation
+from .evaluate import predict_images, score_predictions, write_evaluation
 from .infer import InputPipeline, Precision, resolve_precision, run_batches
 from .io import atomic_path, atomic_write_text, ensure_writable_dir
 from .metrics import binary_metrics, choose_thresholds, multiclass_metrics
@@ -509,8 +509,8 @@ def train_and_evaluate(model: Classifier, info: RunInfo, train: Split, val: Spli
         info.temperature = fit_temperature(val.y, val_logits)
         model.temperature.fill_(info.temperature)
         save_model(model, out / "model.safetensors")
-    val_prob = predict_probs(model, val.images, pipeline, cfg.tta)
-    test_prob = predict_probs(model, test.images, pipeline, cfg.tta)
+    val_prob = predict_images(model, pipeline, val.images, cfg.tta)
+    test_prob = predict_images(model, pipeline, test.images, cfg.tta)
     if len(info.classes) == 2:
         info.thresholds = choose_thresholds(val.y, val_prob[:, 1])
     info.save(out / "config.json")
@@ -571,6 +571,3 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def predict_probs(model: Classifier, images: np.ndarray, pipeline: InputPipeline, tta: bool) -> np.ndarray:
-    logits = run_batches(model, images, pipeline, tta=tta)
-    return model.probabilities(torch.from_numpy(logits)).numpy()
