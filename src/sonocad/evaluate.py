@@ -23,11 +23,12 @@ from .errors import SonocadError
 from .infer import InputPipeline, resolve_precision, run_batches
 from .io import atomic_write_text, ensure_writable_dir
 from .metrics import binary_metrics, multiclass_metrics
-from .models import Classifier, create_model, read_state_dict
+from .models import Classifier, create_model, fold_batchnorm, read_state_dict
 
 
 def load_run(run: str | Path, precision: str = "auto") -> tuple[RunInfo, Classifier, InputPipeline]:
-    """The run's config, its trained model (eval mode) and the matching input pipeline."""
+    """The run's config, its trained model (eval mode, BatchNorm folded for inference) and the
+    matching input pipeline."""
     run = Path(run)
     if not run.is_dir():
         raise SonocadError(f"{run}: run directory not found")
@@ -45,7 +46,7 @@ def load_run(run: str | Path, precision: str = "auto") -> tuple[RunInfo, Classif
     model = model.to(prec.device).eval()
     if prec.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return info, model, InputPipeline(info.mean, info.std, prec)
+    return info, fold_batchnorm(model), InputPipeline(info.mean, info.std, prec)
 
 
 class Predictor:
@@ -89,6 +90,7 @@ def load_predictor(run: str | Path, precision: str = "auto") -> Predictor:
 def predict_images(model: Classifier, pipeline: InputPipeline, images: np.ndarray, tta: bool,
                    batch_size: int = 64) -> np.ndarray:
     """Class probabilities (N, num_classes) for uint8 images (N, S, S)."""
+    model = fold_batchnorm(model)
     logits = run_batches(model, images, pipeline, batch_size=batch_size, tta=tta)
     if len(images) == 0:
         return np.zeros((0, max(2, model.num_outputs)), np.float32)

@@ -208,6 +208,51 @@ def freeze_batchnorm(model: nn.Module) -> None:
             m.eval()
 
 
+def fold_batchnorm(model: nn.Module, size: int = 128) -> nn.Module:
+    """An inference copy of `model` (eval mode) with every BatchNorm that directly follows a convolution
+    folded into that convolution's weights: one pass over each activation map less, the same outputs.
+    The original is left untouched. The copy is checked against the original in fp32 on a random
+    `size` px input; where they differ (a model whose layers run in another order than they are
+    registered) the unfolded copy is returned instead. Never train the copy.
+
+    >>> fast = fold_batchnorm(model)            # doctest: +SKIP
+    """
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    original = model.eval()
+    if getattr(original, "bn_folded", False):
+        return original
+    folded = copy.deepcopy(original)
+
+    def fold(module: nn.Module) -> None:
+        children = list(module.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None:
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                # timm's BatchNormAct2d also applies dropout and the activation: keep those
+                after = [getattr(bn, k) for k in ("drop", "act") if isinstance(getattr(bn, k, None), nn.Module)]
+                setattr(module, bn_name, nn.Sequential(*after) if after else nn.Identity())
+        for _, child in module.named_children():
+            fold(child)
+
+    param = next(original.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        fold(folded)
+        with torch.no_grad():
+            want, got = original(x).float(), folded(x).float()
+        same = torch.allclose(want, got, rtol=1e-3, atol=1e-3 * (1 + want.abs().max().item()))
+    except RuntimeError:    # shapes that only looked like a conv followed by its BatchNorm
+        same = False
+    if not same:
+        folded = copy.deepcopy(original)
+    folded.bn_folded = True
+    return folded
+
+
 def save_model(model: nn.Module, path: str | Path) -> None:
     """Write the state dict as safetensors, atomically (no pickle: loading it never runs code)."""
     from safetensors.torch import save_file

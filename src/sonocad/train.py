@@ -33,8 +33,8 @@ from .evaluate import predict_images, score_predictions, write_evaluation
 from .infer import InputPipeline, Precision, resolve_precision, run_batches
 from .io import atomic_path, atomic_write_text, ensure_writable_dir
 from .metrics import binary_metrics, choose_thresholds, multiclass_metrics
-from .models import (Classifier, count_parameters, create_model, freeze_batchnorm, input_config, save_model,
-                     set_trainable)
+from .models import (Classifier, count_parameters, create_model, fold_batchnorm, freeze_batchnorm, input_config,
+                     save_model, set_trainable)
 
 
 @dataclass
@@ -346,16 +346,17 @@ class Trainer:
             f = torch.load(path, map_location="cpu", weights_only=True)
             return f["train"], f["val"]
         images = self.train.images
-        views = [torch.from_numpy(run_batches(self.model.forward_features, images, self.pipeline))]
+        backbone = fold_batchnorm(self.model.backbone)     # frozen in phase 1: fold it for speed
+        views = [torch.from_numpy(run_batches(backbone, images, self.pipeline))]
         for _ in range(self.cfg.feature_views if self.cfg.augment else 0):
             feats = []
             for i in range(0, len(images), 64):
                 x = self.pipeline(images[i:i + 64], self.gen)
                 with torch.no_grad(), self.precision.autocast():
-                    feats.append(self.model.forward_features(x).float().cpu())
+                    feats.append(backbone(x).float().cpu())
             views.append(torch.cat(feats))
         f_train = torch.cat(views)
-        f_val = torch.from_numpy(run_batches(self.model.forward_features, self.val.images, self.pipeline))
+        f_val = torch.from_numpy(run_batches(backbone, self.val.images, self.pipeline))
         with atomic_path(path) as tmp:
             torch.save({"train": f_train, "val": f_val}, tmp)
         return f_train, f_val
@@ -502,15 +503,17 @@ def train_and_evaluate(model: Classifier, info: RunInfo, train: Split, val: Spli
     seed_everything(cfg.seed)
     trainer = Trainer(model, train, val, len(info.classes), cfg, precision, pipeline, out, progress, resume)
     model = trainer.run()
+    fast = fold_batchnorm(model)     # the same inference model that evaluate and predict load
     if cfg.temperature_scaling and len(info.classes) == 2:
         from .metrics import fit_temperature
 
-        val_logits = run_batches(model, val.images, pipeline, tta=cfg.tta)[:, 0]
+        val_logits = run_batches(fast, val.images, pipeline, tta=cfg.tta)[:, 0]
         info.temperature = fit_temperature(val.y, val_logits)
         model.temperature.fill_(info.temperature)
+        fast.temperature.fill_(info.temperature)
         save_model(model, out / "model.safetensors")
-    val_prob = predict_images(model, pipeline, val.images, cfg.tta)
-    test_prob = predict_images(model, pipeline, test.images, cfg.tta)
+    val_prob = predict_images(fast, pipeline, val.images, cfg.tta)
+    test_prob = predict_images(fast, pipeline, test.images, cfg.tta)
     if len(info.classes) == 2:
         info.thresholds = choose_thresholds(val.y, val_prob[:, 1])
     info.save(out / "config.json")
