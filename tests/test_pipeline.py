@@ -119,6 +119,7 @@ def test_shortcut_check_on_phantoms(tiny_run, phantoms, tmp_path, capsys):
     assert m["n"] == 48
     assert m["original"]["mean_abs_change"] == 0
     assert m["lesion_masked"]["mean_abs_change"] > 0
+    assert m["box_textured"]["mean_abs_change"] > 0 and "lesion_textured" in m
     assert "Shortcut check" in (out / "report.html").read_text()
     assert "lesion masked" in capsys.readouterr().out
 
@@ -147,3 +148,21 @@ def test_temperature_scaling_and_bootstrap_ci(phantoms, tmp_path):
     assert m["auc_ci_method"].startswith("bootstrap")
     for f in ("pr.png", "confusion_youden.png", "confusion_high_sensitivity.png"):
         assert (tmp_path / "t" / "plots" / f).is_file(), f
+
+
+def test_tissue_fill_hides_the_lesion_and_keeps_speckle():
+    from sonocad.shortcut import fill_with_tissue, lesion_box
+
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal(120, 25, (96, 96)), 0, 255).astype(np.uint8)   # speckled tissue
+    img[40:60, 40:60] = 15                                                    # a dark lesion
+    mask = np.zeros((96, 96), bool)
+    mask[40:60, 40:60] = True
+    out = fill_with_tissue(img, mask)
+    inner = out[42:58, 42:58].astype(float)
+    assert abs(inner.mean() - 120) < 15                 # as bright as the tissue around it
+    assert 10 < inner.std() < 40                        # and as speckled (a smooth fill has std ~0)
+    assert np.array_equal(out[~mask], img[~mask])
+    box = lesion_box(mask)
+    assert box[35:65, 35:65].all() and not box[:30].any() and box.sum() < 40 * 40
+    assert np.array_equal(fill_with_tissue(img, np.zeros_like(mask)), img)

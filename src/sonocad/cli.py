@@ -114,8 +114,10 @@ def cmd_evaluate(a) -> None:
     _warn_bad(m["data"].get("skipped_bad_images", []))
     _print_metrics(m, "evaluation")
     if "shortcut_check" in m:
+        from .shortcut import VERSIONS
+
         sc = m["shortcut_check"]
-        for k in ("original", "overlays_removed", "lesion_masked"):
+        for k in VERSIONS:
             print(f"shortcut check, {k.replace('_', ' ')}: AUC {sc[k]['auc']:.3f} "
                   f"(95% CI {sc[k]['auc_ci'][0]:.3f}-{sc[k]['auc_ci'][1]:.3f}), "
                   f"mean |change| {sc[k]['mean_abs_change']:.3f} (n={sc['n']})")
@@ -253,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--shortcut-check", action="store_true",
-                   help="also predict with overlays removed and with the lesion masked out (needs masks)")
+                   help="also predict with overlays removed and with the lesion hidden (smooth fill, tissue "
+                   "texture, a textured box over its outline); needs lesion masks")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="class probabilities for images or folders of images")

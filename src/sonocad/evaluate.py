@@ -175,17 +175,18 @@ def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
     sections = []
     if shortcut:
         from .report import html_table
-        from .shortcut import shortcut_check
+        from .shortcut import VERSIONS, shortcut_check
 
         sc = metrics["shortcut_check"] = shortcut_check(run, data)
-        rows = [[k.replace("_", " "), sc[k]["auc"], sc[k]["auc_ci"], sc[k]["mean_abs_change"]]
-                for k in ("original", "overlays_removed", "lesion_masked")]
+        rows = [[k.replace("_", " "), VERSIONS[k], sc[k]["auc"], sc[k]["auc_ci"], sc[k]["mean_abs_change"]]
+                for k in VERSIONS]
         sections.append(f"<h2>Shortcut check</h2><p>{sc['n']} images with lesion masks, predicted as they are, "
-                        "with bright overlays (calipers, text, markers) painted over, and with the lesion "
-                        "masked out (filled from the tissue around it). A model that still separates the "
-                        "classes with the lesion hidden reads something other than the lesion (posterior "
-                        "shadowing and enhancement lie outside the mask and are legitimate cues).</p>"
-                        + html_table(["images", "AUC", "AUC 95% CI", "mean |change| of P(positive)"], rows))
+                        "with overlays painted over, and with the lesion hidden. A model that still separates "
+                        "the classes with the lesion and its outline hidden (box textured) reads something "
+                        "other than the lesion: annotations, the site's presets, surrounding anatomy. "
+                        "Posterior shadowing and enhancement lie below the box and are legitimate cues, so "
+                        "an AUC above 0.5 there is a warning, not proof.</p>"
+                        + html_table(["images", "how", "AUC", "AUC 95% CI", "mean |change| of P(positive)"], rows))
     write_evaluation(out, metrics, samples, y, probs, info, title=f"sonocad evaluation of {run} on {data}",
                      extra_sections=sections)
     return metrics

@@ -33,7 +33,7 @@ def lesion_mask(mask_paths: tuple[str, ...], size: int, resize: str) -> np.ndarr
 
 def mask_out(image: np.ndarray, mask: np.ndarray, margin: int = 4, sigma: float = 12.0) -> np.ndarray:
     """Replace the (dilated) lesion by a smooth fill from the tissue around it (normalised convolution)."""
-    m = ndimage.binary_dilation(mask, iterations=margin) if mask.any() else mask
+    m = ndimage.binary_dilation(mask, iterations=margin) if mask.any() and margin > 0 else mask
     keep = (~m).astype(np.float32)
     num = ndimage.gaussian_filter(image.astype(np.float32) * keep, sigma)
     den = ndimage.gaussian_filter(keep, sigma)
@@ -41,9 +41,66 @@ def mask_out(image: np.ndarray, mask: np.ndarray, margin: int = 4, sigma: float 
     return np.where(m, fill, image).astype(np.uint8)
 
 
+def _tissue_residual(image: np.ndarray, hidden: np.ndarray, sigma: float = 3.0) -> np.ndarray:
+    """Speckle texture for the `hidden` region: the image's fine detail (image minus its blur) copied
+    from the nearest shift of that region that lies wholly on visible tissue, or on as much as possible."""
+    img = image.astype(np.float32)
+    detail = img - ndimage.gaussian_filter(img, sigma)
+    ys, xs = np.nonzero(hidden)
+    h, w = image.shape
+    best, best_bad = (0, 0), None
+    span_y, span_x = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    visible = ~hidden & (img > 8)          # not the lesion, not the black margin around the sector
+    for step in (1, 2, 3):
+        for dy, dx in ((step * span_y, 0), (-step * span_y, 0), (0, step * span_x), (0, -step * span_x),
+                       (step * span_y, step * span_x), (-step * span_y, -step * span_x),
+                       (step * span_y, -step * span_x), (-step * span_y, step * span_x)):
+            ty, tx = ys + dy, xs + dx
+            inside = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
+            bad = int((~inside).sum() + (~visible[ty[inside], tx[inside]]).sum())
+            if best_bad is None or bad < best_bad:
+                best, best_bad = (dy, dx), bad
+        if best_bad == 0:
+            break
+    out = np.zeros_like(img)
+    ty, tx = np.clip(ys + best[0], 0, h - 1), np.clip(xs + best[1], 0, w - 1)
+    out[ys, xs] = detail[ty, tx]
+    return out
+
+
+def fill_with_tissue(image: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Replace `region` by the smooth fill of `mask_out` plus speckle copied from nearby tissue, so that
+    the hidden area looks like tissue: neither its outline nor its missing texture gives it away."""
+    if not region.any():
+        return image.copy()
+    smooth = mask_out(image, region, margin=0).astype(np.float32)
+    textured = smooth + _tissue_residual(image, region)
+    return np.where(region, np.clip(textured, 0, 255), image).astype(np.uint8)
+
+
+def lesion_box(mask: np.ndarray, margin: float = 0.25) -> np.ndarray:
+    """The lesion's bounding box, enlarged by `margin` of its size on every side, as a boolean mask."""
+    box = np.zeros_like(mask, bool)
+    if not mask.any():
+        return box
+    ys, xs = np.nonzero(mask)
+    my, mx = int(margin * np.ptp(ys)) + 1, int(margin * np.ptp(xs)) + 1
+    box[max(ys.min() - my, 0):ys.max() + my + 1, max(xs.min() - mx, 0):xs.max() + mx + 1] = True
+    return box
+
+
+VERSIONS = {
+    "original": "as it is",
+    "overlays_removed": "bright overlays (calipers, text, markers) painted over",
+    "lesion_masked": "lesion (dilated 4 px) filled smoothly from the tissue around it",
+    "lesion_textured": "lesion (dilated 4 px) filled with tissue speckle copied from beside it",
+    "box_textured": "a box 1.5x the lesion's size filled with tissue speckle: hides the outline too",
+}
+
+
 def shortcut_check(run: str | Path, data, max_images: int | None = None) -> dict:
-    """AUC and mean absolute change of the positive-class probability for three versions of every image
-    that has a lesion mask: as it is, with overlays removed, and with the lesion masked out."""
+    """AUC and mean absolute change of the positive-class probability for each version (VERSIONS) of every
+    image that has a lesion mask: as it is, with overlays removed, and with the lesion hidden three ways."""
     predictor = load_predictor(run)
     info = predictor.info
     if len(info.classes) != 2:
@@ -53,7 +110,7 @@ def shortcut_check(run: str | Path, data, max_images: int | None = None) -> dict
         raise SonocadError(f"{data}: no lesion masks found; the shortcut check needs them")
     samples = samples[:max_images] if max_images else samples
     size, resize = info.img_size, info.config.resize
-    versions = {"original": [], "overlays_removed": [], "lesion_masked": []}
+    versions = {k: [] for k in VERSIONS}
     for s in samples:
         gray = load_gray(s.path)
         if info.config.clean_overlays:
@@ -62,7 +119,11 @@ def shortcut_check(run: str | Path, data, max_images: int | None = None) -> dict
         versions["original"].append(img)
         versions["overlays_removed"].append(img if info.config.clean_overlays
                                             else to_square(remove_overlays(gray), size, resize))
-        versions["lesion_masked"].append(mask_out(img, lesion_mask(s.masks, size, resize)))
+        lesion = lesion_mask(s.masks, size, resize)
+        versions["lesion_masked"].append(mask_out(img, lesion))
+        dilated = ndimage.binary_dilation(lesion, iterations=4) if lesion.any() else lesion
+        versions["lesion_textured"].append(fill_with_tissue(img, dilated))
+        versions["box_textured"].append(fill_with_tissue(img, lesion_box(lesion)))
     y = np.asarray([info.classes.index(s.label) for s in samples])
     probs = {k: predictor.predict(np.stack(v))[:, 1] for k, v in versions.items()}
     result = {"n": len(samples), "data": str(data)}
