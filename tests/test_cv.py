@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sonocad.cli import main
-from sonocad.cv import fold_indices
+from sonocad.cv import fold_indices, fold_operating_points
 from sonocad.data.synth import write_phantom_set
 
 
@@ -22,6 +22,18 @@ def test_fold_indices_keep_groups_and_strata():
     assert sorted(set(fold)) == [0, 1, 2, 3, 4]
     for k in range(5):
         assert 25 <= (fold == k).sum() <= 55
+
+
+def test_fold_operating_points_use_each_folds_own_threshold():
+    y = np.array([0, 0, 1, 1, 0, 0, 1, 1])
+    prob = np.array([0.1, 0.3, 0.35, 0.9, 0.6, 0.7, 0.8, 0.95])
+    thresholds = [{"default": 0.5, "youden": 0.3}] * 4 + [{"default": 0.5, "youden": 0.75}] * 4
+    ops = fold_operating_points(y, prob, thresholds)
+    # fold 1 at 0.3: 0.3 (benign) and both malignant positive; fold 2 at 0.75: 0.8 and 0.95 positive
+    assert ops["youden"]["sensitivity"] == 1.0 and ops["youden"]["specificity"] == 0.75
+    # one threshold of 0.5 for all: 0.6 and 0.7 (benign) positive, 0.35 (malignant) negative
+    assert ops["default"]["sensitivity"] == 0.75 and ops["default"]["specificity"] == 0.5
+    assert ops["youden"]["fold_thresholds"] == [0.3, 0.75]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +74,7 @@ def test_cv_keeps_planted_copies_in_one_fold(planted, tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     assert len(m["per_fold"]) == 3 and len(m["pooled"]["auc_ci"]) == 2
     assert m["external"]["n"] == 8 and "ensemble" in m["external"]
+    assert set(m["pooled"]["fold_operating_points"]) >= {"default", "youden"}
     for k in (1, 2, 3):
         assert (out / f"fold-{k}" / "model.safetensors").is_file()
         assert (out / f"fold-{k}" / "external" / "predictions.csv").is_file()

@@ -165,13 +165,22 @@ def cmd_cv(a) -> None:
     _print_metrics(m["pooled"], f"pooled out-of-fold ({a.folds} folds)")
     ms = m["mean_sd"]["auc"]
     print(f"per-fold AUC mean {ms[0]:.3f} ± sd {ms[1]:.3f}")
+    _print_fold_points(m["pooled"])
     for site, sm in m.get("per_site", {}).items():
         _print_metrics(sm, f"site {site}")
+        _print_fold_points(sm)
     if "external" in m:
         _print_metrics(m["external"]["ensemble"], f"external {a.external} (ensemble of fold models)")
         e = m["external"]["per_fold_auc_mean_sd"]
         print(f"external per-fold AUC mean {e[0]:.3f} ± sd {e[1]:.3f}")
     print(f"time: {m['seconds']:.0f} s; report: {Path(a.out) / 'report.html'}")
+
+
+def _print_fold_points(m: dict) -> None:
+    for name, op in m.get("fold_operating_points", {}).items():
+        if name != "default":
+            print(f"  at each fold's {name} threshold (chosen on its validation data): sensitivity "
+                  f"{op['sensitivity']:.3f}, specificity {op['specificity']:.3f}")
 
 
 def cmd_compare(a) -> None:

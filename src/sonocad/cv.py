@@ -21,6 +21,7 @@ from .errors import SonocadError
 from .evaluate import predict_images, read_predictions, score_predictions, write_evaluation
 from .infer import InputPipeline, resolve_precision
 from .io import ensure_writable_dir
+from .metrics import binary_metrics
 from .report import html_table
 from .train import (Split, build_model, check_disk_space, data_summary, decode_split, seed_everything,
                     split_train_val, train_and_evaluate, with_duplicate_groups)
@@ -81,6 +82,7 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
     pipeline = InputPipeline(mean, std, precision)
 
     oof = np.zeros((repeats, len(full.y), len(classes)))
+    fold_thresholds: list[dict] = [{} for _ in full.y]      # each sample's fold's operating points (repeat 1)
     fold_of = np.zeros((repeats, len(full.y)), int)
     ext_probs = []
     per_fold = []
@@ -114,6 +116,9 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
                 raise SonocadError(f"{fold_dir}: finished fold holds other images than this split; "
                                    "use a new --out folder")
             info = RunInfo.load(fold_dir / "config.json")
+            if r == 0:
+                for i in held:
+                    fold_thresholds[i] = info.thresholds or {}
             if ext:
                 ext_probs.append(read_predictions(ext_csv, classes)[1])
             oof[r, held] = probs
@@ -131,6 +136,8 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
                      "folds": folds, "repeats": repeats, "per_fold": per_fold,
                      "mean_sd": {key: _mean_sd([f[key] for f in per_fold])
                                  for key in ("auc", "sensitivity", "specificity", "balanced_accuracy")}}
+    if len(classes) == 2:
+        metrics["pooled"]["fold_operating_points"] = fold_operating_points(full.y, oof[0, :, 1], fold_thresholds)
     if repeats > 1:
         metrics["pooled_per_repeat_auc"] = [score_predictions(full.y, oof[r], pooled_info)["auc"]
                                             for r in range(repeats)]
@@ -139,6 +146,9 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
         for site in sorted(set(sites)):
             idx = np.flatnonzero(np.asarray(sites) == site)
             metrics["per_site"][site] = score_predictions(full.y[idx], oof[0, idx], pooled_info)
+            if len(classes) == 2:
+                metrics["per_site"][site]["fold_operating_points"] = fold_operating_points(
+                    full.y[idx], oof[0, idx, 1], [fold_thresholds[i] for i in idx])
     if ext:
         ens = np.mean(ext_probs, axis=0)
         metrics["external"] = {
@@ -155,12 +165,29 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
     }
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
 
-    sections = [_fold_section(per_fold, metrics, bool(ext)), _site_section(metrics)]
+    sections = [_fold_section(per_fold, metrics, bool(ext)), _site_section(metrics), _operating_section(metrics)]
     extra_cols = {"fold": [int(f) + 1 for f in fold_of[0]], "site": sites}
     write_evaluation(out, metrics | pooled, full.samples, full.y, oof[0], pooled_info,
                      title=f"sonocad {folds}-fold cross-validation", extra_columns=extra_cols,
                      extra_sections=[s for s in sections if s], predictions_name="oof_predictions.csv")
     return metrics
+
+
+def fold_operating_points(y: np.ndarray, prob: np.ndarray, thresholds: list[dict]) -> dict:
+    """Pooled out-of-fold sensitivity/specificity (Wilson CIs) where every sample is called positive or
+    not at its own fold's operating point, chosen on that fold's validation data: what each fold model
+    would have said, at the threshold it would have shipped with."""
+    names = sorted(set.intersection(*(set(t) for t in thresholds))) if thresholds else []
+    out = {}
+    for name in names:
+        t = np.asarray([th[name] for th in thresholds], float)
+        if not np.isfinite(t).all():
+            continue
+        m = binary_metrics(y == 1, (prob >= t).astype(float), threshold=0.5, ci=None)
+        out[name] = {k: m[k] for k in ("sensitivity", "sensitivity_ci", "specificity", "specificity_ci",
+                                       "ppv", "npv", "balanced_accuracy", "confusion_matrix")}
+        out[name]["fold_thresholds"] = sorted({float(v) for v in t})
+    return out
 
 
 def cfg_grouping(cfg: TrainConfig, n_dup: int, full: Split) -> str:
@@ -203,3 +230,15 @@ def _site_section(metrics: dict) -> str:
             for site, m in metrics["per_site"].items()]
     return "<h2>Per site (out-of-fold)</h2>" + html_table(
         ["site", "n", "AUC", "AUC 95% CI", "sensitivity", "specificity"], rows)
+
+
+def _operating_section(metrics: dict) -> str:
+    scopes = [("all", metrics["pooled"])] + list(metrics.get("per_site", {}).items())
+    rows = [[scope, name, op["sensitivity"], op["sensitivity_ci"], op["specificity"], op["specificity_ci"]]
+            for scope, m in scopes for name, op in m.get("fold_operating_points", {}).items()]
+    if not rows:
+        return ""
+    return ("<h2>Operating points chosen on each fold's validation data</h2><p>Every out-of-fold prediction "
+            "called at its own fold model's threshold (default 0.5, Youden, sensitivity ≥ 0.95 on validation), "
+            "then pooled; 95% Wilson intervals.</p>"
+            + html_table(["scope", "operating point", "sensitivity", "95% CI", "specificity", "95% CI"], rows))
