@@ -37,6 +37,7 @@ def load_run(run: str | Path, precision: str = "auto") -> tuple[RunInfo, Classif
     n_out = 1 if len(info.classes) == 2 else len(info.classes)
     model = create_model(cfg.model, n_out, pretrained=False, hidden=cfg.hidden, dropout=cfg.dropout)
     state = read_state_dict(run / "model.safetensors")
+    state.setdefault("temperature", torch.ones(()))    # runs saved before temperature scaling existed
     try:
         model.load_state_dict(state)
     except RuntimeError:
