@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT / "src"))   # run from a checkout without installing
 
 from sonocad.config import TrainConfig  # noqa: E402
 from sonocad.data import discover, load_many  # noqa: E402
-from sonocad.infer import InputPipeline, cpu_has_fast_bf16, resolve_precision, run_batches  # noqa: E402
+from sonocad.infer import (InputPipeline, cpu_has_fast_bf16, resolve_precision, run_batches,  # noqa: E402
+                           tune_allocator)
 from sonocad.models import fold_batchnorm, freeze_batchnorm, input_config, set_trainable  # noqa: E402
 from sonocad.train import Split, Trainer, build_model, make_loss, make_optimizer  # noqa: E402
 
@@ -348,6 +349,8 @@ def main(argv=None) -> int:
     p.add_argument("--matmul-reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-tune-allocator", action="store_true",
+                   help="leave glibc's allocator as it is for sonocad too (see sonocad.infer.tune_allocator)")
     p.add_argument("--json", metavar="OUT", help="also write all figures as JSON")
     p.add_argument("--auc", action="store_true", help="also train the default recipe in bf16 and fp32 on "
                    "the same split and compare test AUCs (long)")
@@ -378,14 +381,17 @@ def main(argv=None) -> int:
         print(f"measuring matmul peak ({args.matmul_size}^3, best of {args.matmul_reps}) ...", flush=True)
         peak = {"bf16": matmul_peak(args.matmul_size, torch.bfloat16, args.matmul_reps),
                 "fp32": matmul_peak(args.matmul_size, torch.float32, args.matmul_reps)}
-        print("measuring sonocad training ...", flush=True)
-        s_model, s_pipe, s_train = sonocad_train(images, y, args, precision)
-        print("measuring plain fp32 training ...", flush=True)
+        # the plain loop first, in the process as Python starts it; then sonocad, which (as the sonocad
+        # command does) switches glibc's allocator to keeping freed memory (infer.tune_allocator)
+        print("measuring plain fp32 training and inference ...", flush=True)
         p_model, p_train = plain_train(images, y, args)
-        print("measuring inference ...", flush=True)
-        s_infer = sonocad_infer(s_model, images, s_pipe, args)
         p_infer = plain_infer(p_model, images, y, args)
-        del s_model, p_model
+        del p_model
+        allocator = tune_allocator() if not args.no_tune_allocator else False
+        print(f"measuring sonocad training and inference (allocator tuned: {allocator}) ...", flush=True)
+        s_model, s_pipe, s_train = sonocad_train(images, y, args, precision)
+        s_infer = sonocad_infer(s_model, images, s_pipe, args)
+        del s_model
         print(f"measuring phase 1: {args.head_epochs} head epochs, cached features vs. backbone every epoch ...",
               flush=True)
         phase1 = phase1_caching(images, y, args, precision, tmp)
@@ -442,7 +448,7 @@ def main(argv=None) -> int:
                        "decode_seconds": t_decode},
               "args": vars(args), "matmul_peak_tflops": peak,
               "train": {"sonocad": s_train, "plain": p_train}, "infer": {"sonocad": s_infer, "plain": p_infer},
-              "phase1": phase1, "load": load,
+              "phase1": phase1, "load": load, "allocator_tuned": allocator,
               "speedup": {"train": speed_train, "infer": speed_infer,
                           "train_best": best_train, "infer_best": best_infer}}
     if args.auc:

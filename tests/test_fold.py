@@ -68,3 +68,16 @@ class Mismatched(nn.Module):
 def test_fold_leaves_mismatched_pairs_alone():
     fast = fold_batchnorm(_randomise_bn(Mismatched()), size=8)
     assert isinstance(fast.bn, nn.BatchNorm2d) and fast.bn_folded
+
+
+def test_tune_allocator_takes_effect_on_glibc():
+    import platform
+
+    from sonocad.infer import tune_allocator
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt tuning is for glibc Linux only")
+    assert tune_allocator() is True
+    model = create_model("tf_efficientnet_lite0", 1, pretrained=False).eval()   # still computes after it
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(2, 3, 64, 64))).all()

@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        from .infer import tune_allocator
+
+        tune_allocator()
         args.func(args)
     except SonocadError as e:
         print(f"sonocad: error: {e}", file=sys.stderr)
