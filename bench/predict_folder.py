@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))   # run from a checkout without installing
 from sonocad.data import discover, load_many  # noqa: E402
 from sonocad.errors import SonocadError  # noqa: E402
 from sonocad.evaluate import image_files, load_predictor, predict_paths  # noqa: E402
+from sonocad.infer import tune_allocator  # noqa: E402
 
 BUSI = ROOT.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
 
@@ -52,6 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("run", help="a sonocad run directory (e.g. runs/busi from `sonocad train`)")
     p.add_argument("--images", type=int, default=1000)
     args = p.parse_args(argv)
+    tune_allocator()     # as the sonocad command does
     try:
         predictor = load_predictor(args.run)
     except SonocadError as e:
