@@ -81,3 +81,20 @@ def test_tune_allocator_takes_effect_on_glibc():
     model = create_model("tf_efficientnet_lite0", 1, pretrained=False).eval()   # still computes after it
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(2, 3, 64, 64))).all()
+
+
+class NeedsItsOwnSize(nn.Module):
+    """No BatchNorm, and a forward that refuses the check's input size (as timm's ViTs do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 4, 16, stride=16)
+
+    def forward(self, x):
+        assert x.shape[-1] == 224, "input size must be 224"
+        return self.proj(x).mean((2, 3))
+
+
+def test_fold_leaves_models_without_batchnorm_as_they_are():
+    model = NeedsItsOwnSize()
+    assert fold_batchnorm(model) is model and model.bn_folded
