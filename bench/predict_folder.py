@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT / "src"))   # run from a checkout without installing
 
 from sonocad.data import discover, load_many  # noqa: E402
 from sonocad.errors import SonocadError  # noqa: E402
+from sonocad.allocator import tune_allocator  # noqa: E402
 from sonocad.evaluate import image_files, load_predictor, predict_paths  # noqa: E402
-from sonocad.infer import tune_allocator  # noqa: E402
 
 BUSI = ROOT.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
 

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / "src"))   # run from a checkout without installing
 
 from sonocad.config import TrainConfig  # noqa: E402
 from sonocad.data import discover, load_many  # noqa: E402
-from sonocad.infer import (InputPipeline, cpu_has_fast_bf16, resolve_precision, run_batches,  # noqa: E402
-                           tune_allocator)
+from sonocad.allocator import tune_allocator  # noqa: E402
+from sonocad.infer import InputPipeline, cpu_has_fast_bf16, resolve_precision, run_batches  # noqa: E402
 from sonocad.models import fold_batchnorm, freeze_batchnorm, input_config, set_trainable  # noqa: E402
 from sonocad.train import Split, Trainer, build_model, make_loss, make_optimizer  # noqa: E402
 
@@ -350,7 +350,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tune-allocator", action="store_true",
-                   help="leave glibc's allocator as it is for sonocad too (see sonocad.infer.tune_allocator)")
+                   help="leave glibc's allocator as it is for sonocad too (see sonocad.allocator.tune_allocator)")
     p.add_argument("--json", metavar="OUT", help="also write all figures as JSON")
     p.add_argument("--auc", action="store_true", help="also train the default recipe in bf16 and fp32 on "
                    "the same split and compare test AUCs (long)")
@@ -382,7 +382,7 @@ def main(argv=None) -> int:
         peak = {"bf16": matmul_peak(args.matmul_size, torch.bfloat16, args.matmul_reps),
                 "fp32": matmul_peak(args.matmul_size, torch.float32, args.matmul_reps)}
         # the plain loop first, in the process as Python starts it; then sonocad, which (as the sonocad
-        # command does) switches glibc's allocator to keeping freed memory (infer.tune_allocator)
+        # command does) switches glibc's allocator to keeping freed memory (allocator.tune_allocator)
         print("measuring plain fp32 training and inference ...", flush=True)
         p_model, p_train = plain_train(images, y, args)
         p_infer = plain_infer(p_model, images, y, args)

@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        from .infer import tune_allocator
+        from .allocator import tune_allocator
 
         tune_allocator()
         args.func(args)

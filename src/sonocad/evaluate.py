@@ -178,7 +178,7 @@ def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
         from .report import html_table
         from .shortcut import VERSIONS, shortcut_check
 
-        sc = metrics["shortcut_check"] = shortcut_check(run, data)
+        sc = metrics["shortcut_check"] = shortcut_check(run, data, predictor=predictor)
         rows = [[k.replace("_", " "), VERSIONS[k], sc[k]["auc"], sc[k]["auc_ci"], sc[k]["mean_abs_change"]]
                 for k in VERSIONS]
         sections.append(f"<h2>Shortcut check</h2><p>{sc['n']} images with lesion masks, predicted as they are, "

@@ -211,9 +211,10 @@ def freeze_batchnorm(model: nn.Module) -> None:
 def fold_batchnorm(model: nn.Module, size: int = 128) -> nn.Module:
     """An inference copy of `model` with every BatchNorm that directly follows a convolution folded into
     that convolution's weights: one pass over each activation map less, the same outputs. The original's
-    weights are left untouched (it is put in eval mode); with nothing to fold, it is returned itself. The copy is checked against the original in fp32 on a random
-    `size` px input; where they differ (a model whose layers run in another order than they are
-    registered) the unfolded copy is returned instead. Never train the copy.
+    weights are left untouched (it is put in eval mode); with nothing to fold, it is returned itself.
+    The copy is checked against the original in fp32 on a random `size` px input; where they differ (a
+    model whose layers run in another order than they are registered) the unfolded copy is returned
+    instead. Never train the copy.
 
     >>> fast = fold_batchnorm(model)            # doctest: +SKIP
     """

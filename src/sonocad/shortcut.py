@@ -18,7 +18,7 @@ from scipy import ndimage
 from .data import discover
 from .data.images import load_gray, remove_overlays, to_square
 from .errors import SonocadError
-from .evaluate import load_predictor
+from .evaluate import Predictor, load_predictor
 from .metrics import delong_auc_ci
 
 
@@ -98,10 +98,12 @@ VERSIONS = {
 }
 
 
-def shortcut_check(run: str | Path, data, max_images: int | None = None) -> dict:
+def shortcut_check(run: str | Path, data, max_images: int | None = None,
+                   predictor: Predictor | None = None) -> dict:
     """AUC and mean absolute change of the positive-class probability for each version (VERSIONS) of every
-    image that has a lesion mask: as it is, with overlays removed, and with the lesion hidden three ways."""
-    predictor = load_predictor(run)
+    image that has a lesion mask: as it is, with overlays removed, and with the lesion hidden three ways.
+    `predictor`: the run's models when the caller has loaded them already."""
+    predictor = predictor or load_predictor(run)
     info = predictor.info
     if len(info.classes) != 2:
         raise SonocadError("the shortcut check needs a binary run")
