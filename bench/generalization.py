@@ -29,6 +29,8 @@ EXPERIMENTS: dict[str, dict] = {
     "stretch": {"resize": "stretch"},
     "no_augment": {"augment": False},
     "no_tta": {"tta": False},
+    "flip_tta_only": {"tta_zooms": []},                        # test-time mirror image only (before zooms)
+    "no_weight_averaging": {"ema_epochs": 0},                  # phase 2 keeps its best epoch, early stopping
     "head_only": {"unfreeze": "0"},
     "lite2": {"model": "tf_efficientnet_lite2"},
 }

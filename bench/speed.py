@@ -35,7 +35,7 @@ from sonocad.data import discover, load_many  # noqa: E402
 from sonocad.allocator import tune_allocator  # noqa: E402
 from sonocad.infer import InputPipeline, cpu_has_fast_bf16, resolve_precision, run_batches  # noqa: E402
 from sonocad.models import fold_batchnorm, freeze_batchnorm, input_config, set_trainable  # noqa: E402
-from sonocad.train import Split, Trainer, build_model, make_loss, make_optimizer  # noqa: E402
+from sonocad.train import Split, Trainer, build_model, make_loss, make_optimizer, weight_average  # noqa: E402
 
 BUSI = ROOT.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
 CLASSES = ["benign", "malignant"]
@@ -131,7 +131,8 @@ def rates(sizes: list[int], times: list[float]) -> dict:
 # -- sonocad's default recipe ----------------------------------------------------------------------
 def sonocad_train(images, y, args, precision):
     """Phase 2 of the default recipe, step for step as Trainer.phase_finetune: top 2 blocks + head,
-    frozen BatchNorm, on-the-fly augmentation of cached uint8 images, bf16 autocast, channels_last."""
+    frozen BatchNorm, on-the-fly augmentation of cached uint8 images, bf16 autocast, channels_last, the
+    moving average of the weights updated after every step."""
     cfg = TrainConfig.from_recipe("default")
     _, mean, std = input_config(cfg.model)
     model = build_model(cfg, 2, precision)
@@ -144,6 +145,7 @@ def sonocad_train(images, y, args, precision):
     gen = torch.Generator().manual_seed(0)
     yt = torch.from_numpy(y)
     bs = cfg.batch_size
+    ema = weight_average(model, cfg, max(1, len(y) // bs))
 
     def batches():
         while True:
@@ -161,6 +163,8 @@ def sonocad_train(images, y, args, precision):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
 
     times = timed_steps(step, args.warmup, args.steps)
     x = pipeline(images[:2])

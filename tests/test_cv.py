@@ -1,6 +1,7 @@
 """Cross-validation: folds keep duplicate groups and patients together; pooled OOF metrics; external site."""
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -85,6 +86,12 @@ def test_cv_keeps_planted_copies_in_one_fold(planted, tmp_path, capsys):
                  "--finetune-epochs", "1", "--batch-size", "8", "--external", str(ext), "--quiet"]) == 0
     assert (out / "fold-1" / "model.safetensors").stat().st_mtime_ns == before
     assert json.loads((out / "metrics.json").read_text())["pooled"]["auc"] == m["pooled"]["auc"]
+    # a fold trained again on its own (fold 1 reused, not trained) gives the same predictions
+    fold2 = (out / "fold-2" / "predictions.csv").read_text()
+    shutil.rmtree(out / "fold-2")
+    assert main(["cv", str(root), "--folds", "3", "--out", str(out), "--img-size", "48", "--head-epochs", "2",
+                 "--finetune-epochs", "1", "--batch-size", "8", "--external", str(ext), "--quiet"]) == 0
+    assert (out / "fold-2" / "predictions.csv").read_text() == fold2
     # the cv folder is an ensemble for evaluate and predict: same AUC as the cv's external figure
     assert main(["evaluate", str(out), str(ext), "--out", str(tmp_path / "ens")]) == 0
     ens = json.loads((tmp_path / "ens" / "metrics.json").read_text())

@@ -166,3 +166,30 @@ def test_tissue_fill_hides_the_lesion_and_keeps_speckle():
     box = lesion_box(mask)
     assert box[35:65, 35:65].all() and not box[:30].any() and box.sum() < 40 * 40
     assert np.array_equal(fill_with_tissue(img, np.zeros_like(mask)), img)
+
+
+def test_weight_averaging_runs_the_full_schedule_and_keeps_the_average(phantoms, tmp_path):
+    """With ema_epochs, phase 2 ignores patience and saves the moving average, not the last raw weights."""
+    import torch
+
+    from sonocad.models import read_state_dict
+    from sonocad.train import fit, read_checkpoint
+
+    fit(phantoms, tmp_path / "r", img_size=48, head_epochs=2, finetune_epochs=4, patience=0, ema_epochs=1,
+        batch_size=8, seed=1, progress=False)
+    with open(tmp_path / "r" / "log.csv") as f:
+        assert sum(r["phase"] == "finetune" for r in csv.DictReader(f)) == 4
+    saved = read_state_dict(tmp_path / "r" / "model.safetensors")
+    ckpt = read_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
+    ema = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    raw = ckpt["model"]
+    trained = [k for k in saved if k.startswith("head.") and saved[k].is_floating_point()]
+    assert all(torch.equal(saved[k], ema[k]) for k in saved)
+    assert any(not torch.allclose(saved[k], raw[k]) for k in trained)
+
+
+def test_impossible_ema_is_refused():
+    from sonocad.errors import SonocadError
+
+    with pytest.raises(SonocadError, match="--ema-epochs"):
+        TrainConfig.from_recipe(ema_epochs=-1)

@@ -47,8 +47,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=["adamw", "adagrad", "sgd"])
     p.add_argument("--batch-size", type=int)
     p.add_argument("--patience", type=int)
+    p.add_argument("--ema-epochs", type=float, metavar="E",
+                   help="phase 2 keeps a moving average of the weights over about E epochs (0 = off; default 2)")
     p.add_argument("--dropout", type=float)
-    p.add_argument("--no-tta", dest="tta", action="store_false", default=None)
+    p.add_argument("--no-tta", dest="tta", action="store_false", default=None, help="no test-time augmentation")
+    p.add_argument("--tta-zooms", type=float, nargs="*", metavar="Z",
+                   help="test-time zooms averaged besides the image as it is, each also mirrored "
+                        "(default 0.87 1.15; none given: the mirror image only)")
     p.add_argument("--temperature-scaling", dest="temperature_scaling", action="store_true", default=None,
                    help="calibrate probabilities with a temperature fitted on validation data")
     p.add_argument("--ci", choices=["delong", "bootstrap"], help="AUC confidence interval method (default delong)")
@@ -63,8 +68,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 CONFIG_ARGS = ("classes", "positive", "model", "weights", "pretrained", "img_size", "resize", "balance", "augment",
                "offline_augment", "test_size", "val_size", "head_epochs", "finetune_epochs", "head_lr",
-               "finetune_lr", "unfreeze", "optimizer", "batch_size", "patience", "dropout", "tta", "precision",
-               "threads", "seed", "skip_bad", "dedup", "clean_overlays", "temperature_scaling", "ci")
+               "finetune_lr", "unfreeze", "optimizer", "batch_size", "patience", "ema_epochs", "dropout", "tta",
+               "tta_zooms", "precision", "threads", "seed", "skip_bad", "dedup", "clean_overlays", "temperature_scaling",
+               "ci")
 
 
 def _print_metrics(m: dict, where: str) -> None:

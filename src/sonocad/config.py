@@ -53,9 +53,13 @@ class TrainConfig:
     weight_decay: float = 1e-4
     batch_size: int = 32
     patience: int = 4
+    ema_epochs: float = 2.0             # phase 2 runs its full schedule and keeps an exponential moving
+                                        # average of the weights over this many epochs; 0 = the raw weights
+                                        # of the epoch with the best validation loss (early stopping)
     cache_features: bool = True         # phase 1 trains the head on backbone features computed once
     feature_views: int = 4              # augmented views per training image among the cached features
-    tta: bool = True                    # average the prediction with its horizontal flip
+    tta: bool = True                    # average the prediction with its horizontal flip ...
+    tta_zooms: list[float] = field(default_factory=lambda: [0.87, 1.15])   # ... and with these zooms (+ flips)
     temperature_scaling: bool = False   # fit a temperature on validation data (binary), saved with the model
     ci: str = "delong"                  # AUC confidence interval: delong | bootstrap (stratified)
     precision: str = "auto"             # auto | fp32 | bf16 | fp16
@@ -94,9 +98,13 @@ class TrainConfig:
         for name in ("head_epochs", "finetune_epochs", "offline_augment", "patience", "threads", "feature_views"):
             if getattr(self, name) < 0:
                 bad(name, f"must not be negative, not {getattr(self, name)}")
+        if not 0.0 <= self.ema_epochs <= 1000:
+            bad("ema_epochs", f"must be between 0 (off) and 1000, not {self.ema_epochs}")
         for name in ("head_lr", "finetune_lr"):
             if not getattr(self, name) > 0:
                 bad(name, f"must be positive, not {getattr(self, name)}")
+        if any(not 0.5 <= z <= 2.0 for z in self.tta_zooms):
+            bad("tta_zooms", f"each zoom must be between 0.5 and 2, not {' '.join(map(str, self.tta_zooms))}")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             bad("classes", f"names repeat: {' '.join(self.classes)}")
         if self.classes is not None and len(self.classes) < 2:
@@ -124,6 +132,10 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# what runs saved before an option existed did, where that differs from the option's default now
+BEFORE_OPTION = {"tta_zooms": [], "ema_epochs": 0.0}
+
+
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     # The notebook this project grew from: InceptionV3 at 224 px, batch 8, Adagrad, undersampling,
@@ -131,7 +143,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "notebook": dict(
         model="inception_v3", img_size=224, resize="stretch", batch_size=8, optimizer="adagrad",
         head_lr=1e-2, finetune_lr=1e-3, balance="undersample", offline_augment=7, augment=False,
-        unfreeze="2", head_epochs=30, finetune_epochs=15, patience=5, tta=False, clean_overlays=False,
+        unfreeze="2", head_epochs=30, finetune_epochs=15, patience=5, tta=False, tta_zooms=[], clean_overlays=False,
+        ema_epochs=0,
     ),
 }
 
@@ -161,7 +174,7 @@ class RunInfo:
     def load(cls, path: Path) -> "RunInfo":
         try:
             d = json.loads(Path(path).read_text())
-            d["config"] = TrainConfig.from_dict(d["config"])
+            d["config"] = TrainConfig.from_dict({**BEFORE_OPTION, **d["config"]})
             return cls(**d)
         except FileNotFoundError:
             raise SonocadError(f"{path}: no config.json; is this a sonocad run directory?") from None

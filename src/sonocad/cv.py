@@ -101,13 +101,16 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
                 train, val = split_train_val(full.take(rest), fold_cfg)
                 summary = data_summary(data, f"fold {k + 1} of {folds}", classes, train, val, test, bad)
                 info = RunInfo(fold_cfg, classes, positive, img_size, mean, std, summary, version=__version__)
+                # the fold's own seed before its head is drawn: a fold trained again alone, or after a
+                # fresh instead of a cached duplicate search, starts where it started the first time
+                seed_everything(fold_cfg.seed)
                 model = build_model(fold_cfg, len(classes), precision)
                 ensure_writable_dir(fold_dir)
                 if progress:
                     print(f"fold {k + 1}/{folds}" + (f" (repeat {r + 1})" if repeats > 1 else ""), flush=True)
                 train_and_evaluate(model, info, train, val, test, fold_dir, precision, progress)
                 if ext:
-                    p_ext = predict_images(model, pipeline, ext.images, cfg.tta)
+                    p_ext = predict_images(model, pipeline, ext.images, cfg.tta, zooms=cfg.tta_zooms)
                     write_evaluation(fold_dir / "external", score_predictions(ext.y, p_ext, info), ext.samples,
                                      ext.y, p_ext, info, title=f"fold {k + 1} model on {external}")
             # fresh and reused folds alike are read back from their files, so a re-run gives the same numbers

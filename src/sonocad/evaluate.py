@@ -58,11 +58,12 @@ class Predictor:
         self.info, self.members = info, members
 
     def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        return np.mean([predict_images(m, p, images, self.info.config.tta, batch_size) for m, p in self.members],
+        cfg = self.info.config
+        return np.mean([predict_images(m, p, images, cfg.tta, batch_size, cfg.tta_zooms) for m, p in self.members],
                        axis=0)
 
 
-PREPROCESSING = ("model", "resize", "clean_overlays", "tta")
+PREPROCESSING = ("model", "resize", "clean_overlays", "tta", "tta_zooms")
 
 
 def load_predictor(run: str | Path, precision: str = "auto") -> Predictor:
@@ -89,10 +90,11 @@ def load_predictor(run: str | Path, precision: str = "auto") -> Predictor:
 
 
 def predict_images(model: Classifier, pipeline: InputPipeline, images: np.ndarray, tta: bool,
-                   batch_size: int = 64) -> np.ndarray:
-    """Class probabilities (N, num_classes) for uint8 images (N, S, S)."""
+                   batch_size: int = 64, zooms=()) -> np.ndarray:
+    """Class probabilities (N, num_classes) for uint8 images (N, S, S); with `tta`, from logits averaged
+    over the mirror image and `zooms` (see infer.tta_views)."""
     model = fold_batchnorm(model)
-    logits = run_batches(model, images, pipeline, batch_size=batch_size, tta=tta)
+    logits = run_batches(model, images, pipeline, batch_size=batch_size, tta=tta, zooms=zooms)
     if len(images) == 0:
         return np.zeros((0, max(2, model.num_outputs)), np.float32)
     return model.probabilities(torch.from_numpy(logits)).numpy()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 from .data.augment import augment_batch
 from .errors import SonocadError
@@ -65,10 +66,13 @@ class InputPipeline:
         self.precision = precision
 
     def __call__(self, images: np.ndarray, gen: torch.Generator | None = None, strength: float = 1.0,
-                 flip: bool = False) -> torch.Tensor:
+                 flip: bool = False, zoom: float = 1.0) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float().div_(255.0)
         if gen is not None:
             x = augment_batch(x, gen, strength)
+        if zoom != 1.0:    # about the centre; what leaves the frame is lost, what enters is black
+            x = TF.affine(x, angle=0.0, translate=[0, 0], scale=zoom, shear=[0.0, 0.0],
+                          interpolation=TF.InterpolationMode.BILINEAR)
         if flip:
             x = x.flip(-1)
         x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
@@ -77,18 +81,27 @@ class InputPipeline:
         return x.to(self.precision.device, non_blocking=True)
 
 
+def tta_views(tta: bool, zooms=()) -> list[tuple[float, bool]]:
+    """The (zoom, mirrored) views a prediction averages: the image alone without `tta`; with it, the image
+    and each zoom of it, each as it is and mirrored."""
+    return [(z, f) for z in (1.0, *zooms) for f in (False, True)] if tta else [(1.0, False)]
+
+
 @torch.no_grad()
 def run_batches(fn, images: np.ndarray, pipeline: InputPipeline, batch_size: int = 64,
-                tta: bool = False) -> np.ndarray:
-    """Apply `fn` (a module or method) to all images in batches; with `tta`, average with the mirror image."""
+                tta: bool = False, zooms=()) -> np.ndarray:
+    """Apply `fn` (a module or method) to all images in batches; with `tta`, average its outputs over
+    `tta_views(tta, zooms)`."""
+    views = tta_views(tta, zooms)
     outs = []
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]
-        with pipeline.precision.autocast():
-            y = fn(pipeline(chunk)).float()
-            if tta:
-                y = (y + fn(pipeline(chunk, flip=True)).float()) / 2
-        outs.append(y.cpu())
+        y = 0.0
+        for zoom, flip in views:
+            x = pipeline(chunk, zoom=zoom, flip=flip)   # outside autocast: a bf16 resampling grid is off by pixels
+            with pipeline.precision.autocast():
+                y = y + fn(x).float()
+        outs.append((y / len(views)).cpu())
     if not outs:
         return np.zeros((0,), np.float32)
     return torch.cat(outs).numpy()

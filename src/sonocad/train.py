@@ -1,5 +1,5 @@
-"""Training: two phases (head on a frozen backbone, then the top blocks), early stopping, best
-checkpoint, resumable after a kill.
+"""Training: two phases (head on a frozen backbone with early stopping, then the top blocks with a moving
+average of their weights), resumable after a kill.
 
 >>> from sonocad.train import fit
 >>> metrics = fit("Dataset_BUSI_with_GT", "runs/busi", classes=["benign", "malignant"], seed=0)  # doctest: +SKIP
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -269,6 +270,7 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self._pending: dict | None = None     # optimiser/scheduler state to restore on resume
         self.seconds = {"head": 0.0, "finetune": 0.0}
+        self.ema: AveragedModel | None = None   # phase 2's moving average of the weights
         if resume:
             self._restore()
 
@@ -285,6 +287,8 @@ class Trainer:
             "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
             "log": json.dumps(self.log), "seconds": json.dumps(self.seconds),
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         with atomic_path(self.ckpt_dir / "last.pt") as tmp:
             torch.save(state, tmp)
 
@@ -303,12 +307,14 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.log = json.loads(state["log"])
         self.seconds = json.loads(state["seconds"])
-        self._pending = {"optimizer": state["optimizer"], "scheduler": state["scheduler"]}
+        self._pending = {"optimizer": state["optimizer"], "scheduler": state["scheduler"], "ema": state.get("ema")}
 
     def _resume_into(self, opt, sched) -> None:
         if self._pending and self._pending["optimizer"]:
             opt.load_state_dict(self._pending["optimizer"])
             sched.load_state_dict(self._pending["scheduler"])
+            if self.ema is not None and self._pending["ema"] is not None:
+                self.ema.load_state_dict(self._pending["ema"])
         self._pending = None
 
     # -- the phases -------------------------------------------------------------------------------
@@ -403,7 +409,8 @@ class Trainer:
             self._end_epoch(losses, val_logits, lr, t0, bar, opt, sched)
 
     def phase_finetune(self) -> None:
-        """Phase 2: the top `unfreeze` blocks and the head, with augmentation, at a lower learning rate."""
+        """Phase 2: the top `unfreeze` blocks and the head, with augmentation, at a lower learning rate. With
+        cfg.ema_epochs the weights' moving average is validated each epoch and kept at the end."""
         cfg, model = self.cfg, self.model
         if cfg.unfreeze == "0" or cfg.finetune_epochs == 0:
             return
@@ -419,12 +426,14 @@ class Trainer:
         total = max(1, cfg.finetune_epochs * per_epoch)
         warmup = min(per_epoch, total // 10)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(_warmup_cosine, warmup=warmup, total=total))
+        self.ema = weight_average(model, cfg, per_epoch)
         self._resume_into(opt, sched)
+        scored = self.ema.module if self.ema is not None else model
         y = torch.from_numpy(self.train.y)
         bar = tqdm(range(self.epoch, cfg.finetune_epochs), desc=f"phase 2 (top {cfg.unfreeze} blocks, "
                    f"{counts['trainable']:,} params)", disable=not self.progress, unit="epoch")
         for _ in bar:
-            if self.stopper.should_stop:
+            if self.stopper.should_stop and self.ema is None:
                 break
             t0 = time.perf_counter()
             model.train()
@@ -435,9 +444,11 @@ class Trainer:
                 with self.precision.autocast():
                     logits = model(x)
                 losses.append(self._step(opt, logits, y[idx], sched))
+                if self.ema is not None:
+                    self.ema.update_parameters(model)
             model.eval()
-            val_logits = run_batches(model, self.val.images, self.pipeline)
-            self._end_epoch(losses, val_logits, opt.param_groups[0]["lr"], t0, bar, opt, sched)
+            val_logits = run_batches(scored.eval(), self.val.images, self.pipeline)
+            self._end_epoch(losses, val_logits, opt.param_groups[0]["lr"], t0, bar, opt, sched, scored)
 
     def _step(self, opt, logits, y, sched=None) -> float:
         """One optimisation step on a batch's logits; returns its loss."""
@@ -449,9 +460,13 @@ class Trainer:
             sched.step()
         return loss.item()
 
-    def _end_epoch(self, losses, val_logits, lr, t0, bar, opt, sched) -> None:
+    def _end_epoch(self, losses, val_logits, lr, t0, bar, opt, sched, scored: nn.Module | None = None) -> None:
         scores = _val_scores(val_logits, self.val.y, self.loss_fn, self.n_classes)
-        improved = self.stopper.update(scores["val_loss"], self.model)
+        improved = self.stopper.update(scores["val_loss"], scored if scored is not None else self.model)
+        if self.ema is not None:
+            # with weight averaging phase 2 runs its full schedule and keeps the final average: picking
+            # an epoch by the loss on a small validation set favours the early, barely fine-tuned ones
+            self.stopper.state = copy.deepcopy(scored.state_dict())
         self.epoch += 1
         row = {"phase": self.phase, "epoch": self.epoch, "loss": float(np.mean(losses)), **scores, "lr": lr,
                "seconds": round(time.perf_counter() - t0, 3), "best": int(improved)}
@@ -464,6 +479,16 @@ class Trainer:
         self._checkpoint(opt, sched)
         bar.set_postfix(loss=f"{row['loss']:.3f}", val_loss=f"{scores['val_loss']:.3f}",
                         val_auc=f"{scores['val_auc']:.3f}")
+
+
+def weight_average(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> AveragedModel | None:
+    """Phase 2's exponential moving average of `model`'s weights over cfg.ema_epochs epochs (None when 0):
+    call `.update_parameters(model)` after every step; `.module` is the averaged model."""
+    if cfg.ema_epochs <= 0:
+        return None
+    # single epochs' weights swing with the last few batches; their moving average is steadier
+    decay = 1.0 - 1.0 / max(1.0, cfg.ema_epochs * steps_per_epoch)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
 def _warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -507,13 +532,13 @@ def train_and_evaluate(model: Classifier, info: RunInfo, train: Split, val: Spli
     if cfg.temperature_scaling and len(info.classes) == 2:
         from .metrics import fit_temperature
 
-        val_logits = run_batches(fast, val.images, pipeline, tta=cfg.tta)[:, 0]
+        val_logits = run_batches(fast, val.images, pipeline, tta=cfg.tta, zooms=cfg.tta_zooms)[:, 0]
         info.temperature = fit_temperature(val.y, val_logits)
         model.temperature.fill_(info.temperature)
         fast.temperature.fill_(info.temperature)
         save_model(model, out / "model.safetensors")
-    val_prob = predict_images(fast, pipeline, val.images, cfg.tta)
-    test_prob = predict_images(fast, pipeline, test.images, cfg.tta)
+    val_prob = predict_images(fast, pipeline, val.images, cfg.tta, zooms=cfg.tta_zooms)
+    test_prob = predict_images(fast, pipeline, test.images, cfg.tta, zooms=cfg.tta_zooms)
     if len(info.classes) == 2:
         info.thresholds = choose_thresholds(val.y, val_prob[:, 1])
     info.save(out / "config.json")

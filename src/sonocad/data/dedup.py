@@ -179,7 +179,8 @@ def _backbone():
         from ..models import create_model
 
         prec = resolve_precision("auto")   # bf16 autocast + channels_last on bf16-capable CPUs
-        model = create_model(EMBED_MODEL, 1).eval().to(prec.device)
+        with torch.random.fork_rng(devices=[]):   # its unused head's random init must not move the caller's RNG
+            model = create_model(EMBED_MODEL, 1).eval().to(prec.device)
         if prec.channels_last:
             model = model.to(memory_format=torch.channels_last)
         _BACKBONE.update(model=model, precision=prec)
