@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-ARGS = ["--img-size", "48", "--head-epochs", "4", "--finetune-epochs", "3", "--batch-size", "8",
+ARGS = ["--img-size", "48", "--head-epochs", "4", "--finetune-epochs", "6", "--batch-size", "8",
         "--patience", "10", "--seed", "1", "--quiet"]
 
 
