@@ -8,13 +8,16 @@ import time
 
 import pytest
 
-ARGS = ["--img-size", "48", "--head-epochs", "4", "--finetune-epochs", "6", "--batch-size", "8",
+ARGS = ["--img-size", "48", "--head-epochs", "4", "--finetune-epochs", "3", "--batch-size", "8",
         "--patience", "10", "--seed", "1", "--quiet"]
 
 
 def _train(data, out, *extra):
+    # a shell that starts the tests in the background makes them ignore SIGINT, and Python then never
+    # raises KeyboardInterrupt: give the child the default disposition back
     return subprocess.Popen([sys.executable, "-m", "sonocad", "train", str(data), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _metrics(run):
