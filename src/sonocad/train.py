@@ -214,14 +214,17 @@ class EarlyStopping:
     def __init__(self, patience: int):
         self.patience, self.best, self.bad_epochs, self.state = patience, math.inf, 0, None
 
-    def update(self, val_loss: float, model: nn.Module) -> bool:
-        """Record an epoch; True when this epoch is the best so far."""
-        if val_loss < self.best - 1e-6:
+    def update(self, val_loss: float, model: nn.Module, keep_last: bool = False) -> bool:
+        """Record an epoch; True when this epoch is the best so far. The state kept is the best epoch's,
+        or with `keep_last` this epoch's whatever its loss."""
+        improved = val_loss < self.best - 1e-6
+        if improved:
             self.best, self.bad_epochs = val_loss, 0
+        else:
+            self.bad_epochs += 1
+        if improved or keep_last:
             self.state = copy.deepcopy(model.state_dict())
-            return True
-        self.bad_epochs += 1
-        return False
+        return improved
 
     @property
     def should_stop(self) -> bool:
@@ -462,11 +465,10 @@ class Trainer:
 
     def _end_epoch(self, losses, val_logits, lr, t0, bar, opt, sched, scored: nn.Module | None = None) -> None:
         scores = _val_scores(val_logits, self.val.y, self.loss_fn, self.n_classes)
-        improved = self.stopper.update(scores["val_loss"], scored if scored is not None else self.model)
-        if self.ema is not None:
-            # with weight averaging phase 2 runs its full schedule and keeps the final average: picking
-            # an epoch by the loss on a small validation set favours the early, barely fine-tuned ones
-            self.stopper.state = copy.deepcopy(scored.state_dict())
+        # with weight averaging phase 2 runs its full schedule and keeps the final average: picking an
+        # epoch by the loss on a small validation set favours the early, barely fine-tuned ones
+        improved = self.stopper.update(scores["val_loss"], scored if scored is not None else self.model,
+                                       keep_last=self.ema is not None)
         self.epoch += 1
         row = {"phase": self.phase, "epoch": self.epoch, "loss": float(np.mean(losses)), **scores, "lr": lr,
                "seconds": round(time.perf_counter() - t0, 3), "best": int(improved)}
