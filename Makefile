@@ -21,6 +21,7 @@ demo: install
 	$(BIN)/sonocad predict runs/demo "demo_data/malignant/malignant (1).png" "demo_data/benign/benign (1).png"
 
 test: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 clean:

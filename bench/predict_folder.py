@@ -26,7 +26,9 @@ sys.path.insert(0, str(ROOT / "src"))   # run from a checkout without installing
 from sonocad.data import discover, load_many  # noqa: E402
 from sonocad.errors import SonocadError  # noqa: E402
 from sonocad.allocator import tune_allocator  # noqa: E402
-from sonocad.evaluate import image_files, load_predictor, predict_paths  # noqa: E402
+from sonocad.data.discover import image_files  # noqa: E402
+from sonocad.evaluate import predict_paths  # noqa: E402
+from sonocad.predictor import load_predictor  # noqa: E402
 
 BUSI = ROOT.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
 
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
         images, _, _ = load_many(files, info.img_size, info.config.resize, clean_overlays=info.config.clean_overlays)
         t_read = time.perf_counter() - t0
         t0 = time.perf_counter()
-        predictor.predict(images)
+        predictor.predict_proba(images)
         t_model = time.perf_counter() - t0
     n = len(rows)
     print(f"sonocad predict (predict_paths), end to end: {wall:.1f} s, {n / wall:.1f} img/s")

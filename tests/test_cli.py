@@ -100,7 +100,40 @@ def test_module_entry_point_exit_code(tmp_path):
     assert r.stderr.strip() == f"sonocad: error: {tmp_path / 'missing'}: no such file or folder"
 
 
+def test_predict_on_folders(tiny_run, tmp_path, capsys):
+    """Folders are searched recursively, in natural order; masks, hidden files and hidden folders and
+    non-images are left out; a folder without images is an error."""
+    scans = tmp_path / "scans"
+    for rel in ("a/scan (2).png", "a/scan (10).png", "a/b/deep.jpg", ".hidden/x.png", "a/.y.png",
+                "a/scan (2)_mask.png"):
+        (scans / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(len(rel)).integers(0, 255, (50, 60), np.uint8)).save(scans / rel)
+    (scans / "a" / "notes.txt").write_text("not a scan")
+    assert main(["predict", str(tiny_run), str(scans)]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == [str(scans / p) for p in ("a/b/deep.jpg", "a/scan (2).png",
+                                                                         "a/scan (10).png")]
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert "no images in this folder" in _err(capsys, ["predict", str(tiny_run), str(tmp_path / "empty")])
+
+
 def test_summary_prints_parameters(capsys):
+    import json
+
+    from sonocad.models import create_model, set_trainable
+
+    model = create_model("tf_efficientnet_lite0", 1, pretrained=False)
+    total = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for p in model.head.parameters())
+    assert head == 1280 * 256 + 256 + 256 + 1
+    top2 = set_trainable(model, "2")["trainable"]
+    assert main(["summary", "--model", "tf_efficientnet_lite0", "--batch-size", "8", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["parameters"] == total and s["img_size"] == 224 and s["batch_size"] == 8
+    p1, p2 = s["phases"]["phase1_frozen_backbone"], s["phases"]["phase2_top_2_blocks"]
+    assert (p1["trainable"], p1["frozen"]) == (head, total - head)
+    assert (p2["trainable"], p2["frozen"]) == (top2, total - top2) and head < top2 < total
+    assert p1["activation_bytes_fp32"] == 2 * p1["activation_bytes_bf16"] == 4 * 8 * s["activation_elements_per_image"]
     assert main(["summary", "--model", "tf_efficientnet_lite0", "--batch-size", "8"]) == 0
     out = capsys.readouterr().out
-    assert "trainable" in out and "frozen" in out and "estimate" in out
+    assert f"parameters {total:,}" in out and f"trainable {head:,}" in out and f"trainable {top2:,}" in out

@@ -99,7 +99,34 @@ def test_cv_keeps_planted_copies_in_one_fold(planted, tmp_path, capsys):
     assert main(["predict", str(out), str(ext / "benign")]) == 0
 
 
-def test_compare_two_runs(tiny_run, phantoms, capsys):
-    assert main(["compare", str(tiny_run), str(tiny_run), str(phantoms)]) == 0
-    out = capsys.readouterr().out
-    assert "difference +0.000" in out and "p=1.0000" in out
+def test_compare_two_runs(tiny_run, phantoms, tmp_path, capsys):
+    """Two different runs on the same images: the paired DeLong test of their own predictions; runs that
+    see the task differently are refused."""
+    from sonocad.data import discover
+    from sonocad.evaluate import compare_runs
+    from sonocad.metrics import delong_test
+    from sonocad.predictor import Predictor
+    from sonocad.train import fit
+
+    other = tmp_path / "other"
+    fit(phantoms, other, img_size=48, head_epochs=2, unfreeze="0", batch_size=8, seed=7, progress=False)
+    r = compare_runs(tiny_run, other, phantoms)
+    probs, ys = [], []
+    for run in (tiny_run, other):
+        p = Predictor.load(run)
+        images, _, y, _ = p.decode_samples(discover(phantoms, p.classes))
+        probs.append(p.predict_proba(images)[:, 1])
+        ys.append(y)
+    want = delong_test(ys[0], probs[0], probs[1])
+    assert r["n"] == 48 and r["diff"] != 0 and 0 < r["p_value"] < 1
+    assert r["p_value"] == pytest.approx(want["p_value"]) and r["auc_a"] == pytest.approx(want["auc_a"])
+    assert main(["compare", str(tiny_run), str(other), str(phantoms)]) == 0
+    assert f"p={want['p_value']:.4f}" in capsys.readouterr().out
+    # the same weights with the classes the other way round: a different task, refused
+    flipped = tmp_path / "flipped"
+    shutil.copytree(other, flipped)
+    cfg = json.loads((flipped / "config.json").read_text())
+    cfg["classes"], cfg["positive"] = ["malignant", "benign"], "benign"
+    (flipped / "config.json").write_text(json.dumps(cfg))
+    assert main(["compare", str(tiny_run), str(flipped), str(phantoms)]) == 2
+    assert "see different images or classes" in capsys.readouterr().err

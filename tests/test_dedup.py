@@ -1,12 +1,16 @@
-"""Duplicate finding: planted copies join their originals, distinct images stay apart, conflicts, CSV."""
+"""Duplicate finding: planted copies join their originals, distinct images stay apart, conflicts, CSV,
+settings (validation, fingerprint, honoured)."""
 import csv
+import dataclasses
+import math
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
 from conftest import BUSI, need
-from sonocad.data.dedup import DedupResult, find_duplicates, link, plant_copy
+from sonocad.dedup import DedupResult, DedupSettings, find_duplicates, link, plant_copy
 from sonocad.data.synth import make_phantom
 from sonocad.errors import SonocadError
 
@@ -117,13 +121,66 @@ def test_link_is_transitive_and_ids_are_stable():
 
 def test_bad_arguments(planted):
     paths, labels, _ = planted
-    with pytest.raises(SonocadError, match="method"):
+    with pytest.raises(SonocadError, match="^method must be one of phash, embed, match, combined, got 'ssim'$"):
         find_duplicates(paths, method="ssim")
     with pytest.raises(SonocadError, match="labels"):
         find_duplicates(paths, labels[:-1])
     with pytest.raises(SonocadError, match="kind"):
         plant_copy(Image.new("L", (64, 64)), "rotate", np.random.default_rng(0))
     assert find_duplicates([]).group == []
+
+
+@pytest.mark.parametrize("field, value", [
+    ("method", "ssim"), ("phash_threshold", math.nan), ("match_threshold", "high"), ("embed_model", ""),
+    ("embed_size", 8), ("thumb", 64.0), ("central", 0.0), ("view", 1.5), ("blur", -1.0), ("highpass", 0.0),
+    ("scales", ()), ("scales", (1.0, 1.2)), ("mid_block", -1), ("neighbours", 0), ("version", True)])
+def test_impossible_settings_name_the_setting(field, value):
+    with pytest.raises(SonocadError, match=f"^{field} must be") as e:
+        DedupSettings(**{field: value})
+    assert "\n" not in str(e.value)
+
+
+def test_for_method_is_the_find_duplicates_shorthand():
+    assert DedupSettings.for_method() == DedupSettings()
+    s = DedupSettings.for_method("combined", 0.85)
+    assert (s.method, s.match_threshold, s.phash_threshold) == ("combined", 0.85, 55 / 64)
+    s = DedupSettings.for_method("phash", 0.9)
+    assert (s.method, s.phash_threshold, s.match_threshold) == ("phash", 0.9, 0.80)
+    assert DedupSettings.for_method("embed").thresholds == {"phash": 55 / 64, "embed": 0.98, "match": 0.80}
+
+
+def test_fingerprint_covers_every_setting():
+    base = DedupSettings()
+    assert DedupSettings().fingerprint() == base.fingerprint()
+    assert DedupSettings(central=1, scales=np.array([1, 0.5])).fingerprint() == \
+        DedupSettings(central=1.0, scales=(1.0, 0.5)).fingerprint()   # numbers of another type: same settings
+    other = {"method": "phash", "embed_model": "resnet18", "scales": base.scales[:-1]}
+    seen = {base.fingerprint()}
+    for f in dataclasses.fields(DedupSettings):   # a new numeric field needs no change here
+        v = getattr(base, f.name)
+        new = other[f.name] if f.name in other else v + 1 if isinstance(v, int) else v * 0.9
+        changed = dataclasses.replace(base, **{f.name: new})
+        assert changed != base and changed.fingerprint() not in seen, f.name
+        seen.add(changed.fingerprint())
+    assert all(len(fp) == 64 and int(fp, 16) >= 0 for fp in seen)
+
+
+def test_find_duplicates_honours_its_settings(planted, tmp_path):
+    paths, labels, origin = planted
+    exact = tmp_path / "orig0_exact.png"
+    shutil.copy(paths[0], exact)
+    paths = [*paths, str(exact)]
+    res = find_duplicates(paths)
+    assert len(res.groups) == 3 and res.group[-1] == res.group[0]
+    assert (0, len(paths) - 1, 1.0, "exact") in res.pairs
+    # no score exceeds 1, so nothing is linked, not even the pixel-identical copy: "exact" only names
+    # a pair that a detector linked
+    strict = DedupSettings(phash_threshold=1.01, match_threshold=1.01)
+    res = find_duplicates(paths, labels=[*labels, labels[0]], settings=strict)
+    assert res.groups == [] and res.pairs == [] and all(g.startswith("img-") for g in res.group)
+    # settings given win over the method/threshold shorthand
+    assert find_duplicates(paths, method="phash", threshold=0.0, settings=strict).groups == []
+    assert len(find_duplicates(paths, method="phash", threshold=0.0).groups) == 1
 
 
 def test_busi_known_duplicates():

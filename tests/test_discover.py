@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from sonocad.data import discover, resolve_classes
-from sonocad.errors import SonocadError
+from sonocad.errors import OptionError, SonocadError
 
 from conftest import BUSBRA, BUSI, need
 
@@ -49,8 +49,10 @@ def test_unknown_class_and_single_class(busi_like):
         discover(busi_like, ["benign", "lymphoma"])
     with pytest.raises(SonocadError, match="at least two classes"):
         resolve_classes(discover(busi_like, ["benign"]), ["benign"], None)
-    with pytest.raises(SonocadError, match="--positive"):
+    # a library caller reads the option's name, not a command-line flag it never passed
+    with pytest.raises(OptionError, match="^positive: 'normal' is not one of the classes") as e:
         resolve_classes(discover(busi_like, ["benign", "malignant"]), None, "normal")
+    assert e.value.option == "positive" and e.value.flag == "--positive"
 
 
 def test_empty_class_folder_and_orphan_mask(tmp_path):

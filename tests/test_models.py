@@ -9,7 +9,7 @@ from PIL import Image
 from sonocad import models
 from sonocad.errors import SonocadError
 from sonocad.models import create_model, set_trainable
-from sonocad.train import make_loss
+from sonocad.trainer import make_loss
 
 
 def test_binary_head_one_logit_sigmoid_is_not_constant():
@@ -44,7 +44,10 @@ def test_class_weighted_loss():
     assert float(loss(logits, torch.tensor([1, 1]))) == pytest.approx(3 * np.log(2), rel=1e-5)
     assert float(make_loss(y, 2, "none")(logits, torch.tensor([1, 1]))) == pytest.approx(np.log(2), rel=1e-5)
     ce = make_loss(np.array([0, 0, 1, 2]), 3, "weighted")
-    assert ce.weight.tolist() == pytest.approx([4 / 6, 4 / 3, 4 / 3])
+    assert ce.loss.weight.tolist() == pytest.approx([4 / 6, 4 / 3, 4 / 3])
+    # bf16 logits (autocast on a bf16 CPU) with fp32 class weights: computed in fp32, no dtype error
+    bf16 = ce(torch.zeros(2, 3, dtype=torch.bfloat16), torch.tensor([0, 2]))
+    assert bf16.dtype == torch.float32 and float(bf16) == pytest.approx(np.log(3), rel=1e-5)
 
 
 def test_unfreeze_top_blocks():
@@ -82,7 +85,7 @@ def test_default_model_loads_pretrained_backbone():
 def test_hub_weights_offline_fail_fast(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setattr(models, "_online", lambda *a, **k: False)
-    with pytest.raises(SonocadError, match=r"--weights PATH .* --no-pretrained"):
+    with pytest.raises(SonocadError, match=r"weights=PATH, --weights.*pretrained=False, --no-pretrained"):
         create_model("resnet18", 1, pretrained=True)
 
 

@@ -55,17 +55,25 @@ def test_evaluate_on_other_data_ignores_other_classes(tiny_run, tmp_path, capsys
 
 def test_predict_prints_and_writes_csv(tiny_run, phantoms, tmp_path, capsys):
     img = phantoms / "malignant" / "malignant (1).png"
-    assert main(["predict", str(tiny_run), str(img), str(phantoms / "benign")]) == 0
+    inputs = [str(tiny_run), str(img), str(phantoms / "benign")]
+    assert main(["predict", *inputs]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "path,prob_benign,prob_malignant,predicted"
     assert len(lines) == 1 + 1 + 24            # masks in the folder are not predicted
-    p = [float(x) for x in lines[1].split(",")[1:3]]
-    assert sum(p) == pytest.approx(1, abs=2e-4)
+    printed = list(csv.DictReader(lines))
     out = tmp_path / "p.csv"
-    assert main(["predict", str(tiny_run), str(img), "--csv", str(out)]) == 0
+    assert main(["predict", *inputs, "--csv", str(out)]) == 0
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    assert rows[0]["predicted"] in ("benign", "malignant")
+    threshold = json.loads((tiny_run / "config.json").read_text())["thresholds"]["default"]
+    assert [r["path"] for r in rows] == [r["path"] for r in printed]
+    assert rows[0]["path"] == str(img) and rows[1]["path"].endswith("benign (1).png")   # natural order
+    for r, shown in zip(rows, printed):
+        p_benign, p_malignant = float(r["prob_benign"]), float(r["prob_malignant"])
+        assert p_benign + p_malignant == pytest.approx(1, abs=1e-5)
+        assert float(shown["prob_malignant"]) == pytest.approx(p_malignant, abs=5e-5)   # stdout: 4 decimals
+        assert r["predicted"] == shown["predicted"] == ("malignant" if p_malignant >= threshold else "benign")
+    assert {r["predicted"] for r in rows} == {"benign", "malignant"}     # the threshold separates something
 
 
 def test_same_seed_same_metrics(phantoms, tmp_path):
@@ -81,24 +89,72 @@ def test_same_seed_same_metrics(phantoms, tmp_path):
 
 def test_notebook_recipe_runs(phantoms, tmp_path):
     """The notebook's settings (undersampling, offline augmentation, Adagrad) on a tiny backbone."""
+    import torch
+
+    from sonocad.infer import InputPipeline, resolve_precision
+    from sonocad.prepare import prepare_data, split_train_val
     from sonocad.train import fit
+    from sonocad.trainer import Trainer, build_model
 
     cfg = TrainConfig.from_recipe("notebook", model="resnet18", pretrained=False, img_size=48,
                                   head_epochs=1, finetune_epochs=1, offline_augment=2)
     assert cfg.balance == "undersample" and cfg.optimizer == "adagrad" and cfg.batch_size == 8
-    m = fit(phantoms, tmp_path / "nb", cfg, progress=False)
-    data = json.loads((tmp_path / "nb" / "config.json").read_text())["data"]
-    assert data["n_train"]["benign"] == data["n_train"]["malignant"]   # undersampled
-    assert 0 <= m["auc"] <= 1
+    # more benign than malignant images, so that undersampling has something to do
+    data = [p for p in sorted(phantoms.rglob("*).png"))
+            if p.parent.name == "benign" or int(p.stem.split("(")[1].rstrip(")")) <= 12]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in data))
+    train, val = split_train_val(prepare_data(manifest, cfg).full, cfg)
+    counts = np.bincount(train.y)
+    assert counts[0] == counts[1]                                       # undersampled to the smaller class
+    prec = resolve_precision("fp32")
+    trainer = Trainer(build_model(cfg, 2, prec), train, val, 2, cfg, prec, InputPipeline([0.5] * 3, [0.5] * 3, prec),
+                      tmp_path / "t", progress=False)
+    n = len(train.y)
+    assert len(trainer.train.y) == 3 * n and np.array_equal(trainer.train.y, np.tile(train.y, 3))
+    assert np.array_equal(trainer.train.images[:n], train.images)        # the originals, then 2 copies each
+    assert not np.array_equal(trainer.train.images[n:2 * n], train.images)
+    assert torch.equal(torch.from_numpy(trainer.train.images[n:]),       # fixed copies: the same every time
+                       torch.from_numpy(Trainer(build_model(cfg, 2, prec), train, val, 2, cfg, prec, trainer.pipeline,
+                                                tmp_path / "t2", progress=False).train.images[n:]))
+    m = fit(manifest, tmp_path / "nb", cfg, progress=False)
+    summary = json.loads((tmp_path / "nb" / "config.json").read_text())["data"]
+    assert summary["n_train"]["benign"] == summary["n_train"]["malignant"]
+    assert summary["n_train_with_offline_copies"] == {c: 3 * k for c, k in summary["n_train"].items()}
+    assert m["n"] == sum(summary["n_test"].values()) and np.isfinite(m["auc"])
 
 
-def test_multiclass_softmax_run(tmp_path):
+def test_multiclass_softmax_run(tmp_path, capsys):
+    """Three classes (softmax) through train (both phases, default precision), evaluate, predict and cv."""
     from sonocad.data.synth import write_phantom_set
     from sonocad.train import fit
 
-    write_phantom_set(tmp_path / "d", n=36, seed=2, size=48, classes=("benign", "malignant", "normal"))
-    m = fit(tmp_path / "d", tmp_path / "r", img_size=48, head_epochs=2, unfreeze="0", progress=False)
-    assert len(m["confusion_matrix"]) == 3 and "per_class" in m
+    classes = ["benign", "malignant", "normal"]
+    write_phantom_set(tmp_path / "d", n=36, seed=2, size=48, classes=tuple(classes))
+    m = fit(tmp_path / "d", tmp_path / "r", img_size=48, head_epochs=2, finetune_epochs=1, batch_size=8,
+            progress=False)
+    with open(tmp_path / "r" / "log.csv") as f:
+        assert {r["phase"] for r in csv.DictReader(f)} == {"head", "finetune"}
+    assert set(m["per_class"]) == set(classes) and m["n"] == np.sum(m["confusion_matrix"])
+    with open(tmp_path / "r" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == m["n"] and "prob" not in rows[0]
+    for r in rows:
+        p = [float(r[f"prob_{c}"]) for c in classes]
+        assert sum(p) == pytest.approx(1, abs=1e-5) and r["predicted"] == classes[int(np.argmax(p))]
+    assert main(["evaluate", str(tmp_path / "r"), str(tmp_path / "d"), "--out", str(tmp_path / "e")]) == 0
+    e = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert e["n_per_class"] == {c: 12 for c in classes} and len(e["confusion_matrix"]) == 3
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "r"), str(tmp_path / "d" / "normal")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "path,prob_benign,prob_malignant,prob_normal,predicted" and len(out) == 1 + 12
+    assert main(["cv", str(tmp_path / "d"), "--folds", "2", "--out", str(tmp_path / "cv"), "--img-size", "48",
+                 "--head-epochs", "1", "--unfreeze", "0", "--no-dedup", "--quiet"]) == 0
+    cv = json.loads((tmp_path / "cv" / "metrics.json").read_text())
+    assert len(cv["per_fold"]) == 2 and all("auc" in f and "sensitivity" not in f for f in cv["per_fold"])
+    assert cv["pooled"]["n"] == 36 and "macro AUC" in capsys.readouterr().out
+    assert "Folds" in (tmp_path / "cv" / "report.html").read_text()
 
 
 @pytest.mark.slow
@@ -118,8 +174,11 @@ def test_shortcut_check_on_phantoms(tiny_run, phantoms, tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())["shortcut_check"]
     assert m["n"] == 48
     assert m["original"]["mean_abs_change"] == 0
-    assert m["lesion_masked"]["mean_abs_change"] > 0
-    assert m["box_textured"]["mean_abs_change"] > 0 and "lesion_textured" in m
+    # the phantoms' class cues are the lesion's shape, margin and posterior shadowing: hidden, they are gone
+    assert m["original"]["auc"] > 0.7, m["original"]
+    for k in ("lesion_masked", "lesion_textured", "box_textured"):
+        assert m[k]["mean_abs_change"] > 0.02, (k, m[k])
+        assert m[k]["auc"] < m["original"]["auc"] - 0.1, (k, m[k], m["original"])
     assert "Shortcut check" in (out / "report.html").read_text()
     assert "lesion masked" in capsys.readouterr().out
 
@@ -137,7 +196,7 @@ def test_mask_out_hides_the_lesion():
 
 def test_temperature_scaling_and_bootstrap_ci(phantoms, tmp_path):
     """Temperature fitted on validation data is saved with the model and used by predict."""
-    from sonocad.evaluate import load_run
+    from sonocad.predictor import load_run
     from sonocad.train import fit
 
     m = fit(phantoms, tmp_path / "t", img_size=48, head_epochs=3, finetune_epochs=1, batch_size=8,
@@ -173,7 +232,8 @@ def test_weight_averaging_runs_the_full_schedule_and_keeps_the_average(phantoms,
     import torch
 
     from sonocad.models import read_state_dict
-    from sonocad.train import fit, read_checkpoint
+    from sonocad.train import fit
+    from sonocad.trainer import read_checkpoint
 
     fit(phantoms, tmp_path / "r", img_size=48, head_epochs=2, finetune_epochs=4, patience=0, ema_epochs=1,
         batch_size=8, seed=1, progress=False)
@@ -191,5 +251,47 @@ def test_weight_averaging_runs_the_full_schedule_and_keeps_the_average(phantoms,
 def test_impossible_ema_is_refused():
     from sonocad.errors import SonocadError
 
-    with pytest.raises(SonocadError, match="--ema-epochs"):
+    with pytest.raises(SonocadError, match="^ema_epochs: "):
         TrainConfig.from_recipe(ema_epochs=-1)
+
+
+def test_train_with_separate_test_data(phantoms, tmp_path):
+    """--test DATA: all of the training data trains (train + validation), DATA alone is the test part."""
+    from sonocad.data.synth import write_phantom_set
+
+    other = tmp_path / "other"
+    write_phantom_set(other, n=10, seed=21, size=70)
+    run = tmp_path / "r"
+    assert main(["train", str(phantoms), "--test", str(other), "--out", str(run), "--img-size", "48",
+                 "--head-epochs", "1", "--unfreeze", "0", "--quiet"]) == 0
+    with open(run / "predictions.csv") as f:
+        tested = {r["path"] for r in csv.DictReader(f)}
+    assert tested == {str(p) for p in other.rglob("*).png")}
+    data = json.loads((run / "config.json").read_text())["data"]
+    assert data["test_source"] == str(other) and data["n_test"] == {"benign": 5, "malignant": 5}
+    assert sum(data["n_train"].values()) + sum(data["n_val"].values()) == 48
+
+
+def test_report_shows_the_metrics_and_config_it_was_written_from(tiny_run):
+    """Every number in the report's tables is metrics.json's or config.json's, at its shown precision;
+    small learning rates keep their significant digits."""
+    import re
+
+    html = (tiny_run / "report.html").read_text()
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    cfg = json.loads((tiny_run / "config.json").read_text())["config"]
+
+    def cell(label):
+        found = re.search(rf"<tr><th>{re.escape(label)}</th><td>([^<]*)</td></tr>", html)
+        assert found, label
+        return found.group(1)
+
+    for label, key in (("AUC", "auc"), ("sensitivity", "sensitivity"), ("specificity", "specificity"),
+                       ("balanced accuracy", "balanced_accuracy"), ("PPV", "ppv"), ("NPV", "npv")):
+        assert cell(label) == f"{m[key]:.3f}", label
+    lo, hi = m["auc_ci"]
+    assert cell("AUC 95% CI (delong)") == f"{lo:.3f} – {hi:.3f}"
+    assert cell("n") == str(m["n"])
+    assert float(cell("head_lr")) == cfg["head_lr"] == 3e-4 and cell("head_lr") != "0.000"
+    assert float(cell("weight_decay")) == cfg["weight_decay"] == 1e-4
+    assert float(cell("finetune_lr")) == cfg["finetune_lr"]

@@ -48,7 +48,7 @@ def test_runs_saved_before_the_options_keep_their_behaviour(tmp_path):
 def test_impossible_zoom_is_refused():
     from sonocad.errors import SonocadError
 
-    with pytest.raises(SonocadError, match="--tta-zooms"):
+    with pytest.raises(SonocadError, match="^tta_zooms: "):
         TrainConfig.from_recipe(tta_zooms=[0.0])
 
 

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
+import types
+import typing
 from pathlib import Path
 
-from .errors import SonocadError
+from .config import PRECISIONS
+from .errors import OptionError, SonocadError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -18,59 +22,44 @@ class _Parser(argparse.ArgumentParser):
         raise SonocadError(f"{self.prog}: {message}")
 
 
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, generated from the field's type, help text and choices. Defaults
+    stay None so that a recipe's preset applies where an option is not given."""
+    from .config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        kind = hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        base = args[0] if typing.get_origin(kind) in (typing.Union, types.UnionType) else kind
+        kw: dict = {"dest": f.name, "default": None, "help": meta.get("help")}
+        if base is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            if typing.get_origin(base) is list:
+                base = typing.get_args(base)[0]
+                kw["nargs"] = "+" if f.name == "classes" else "*"
+            kw.update(type=base, metavar=meta.get("metavar"), choices=meta.get("choices"))
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", nargs="+", help="class-folder dataset(s) or CSV manifest(s); several = several sites")
     p.add_argument("--out", help="run directory to write")
     p.add_argument("--resume", metavar="RUN", help="continue the interrupted run RUN from its last checkpoint")
     p.add_argument("--test", dest="test_data", help="evaluate on this dataset instead of a held-out part")
-    p.add_argument("--recipe", default="default", help="default | notebook (the original notebook's settings)")
-    p.add_argument("--classes", nargs="+", help="classes to use, in order (e.g. benign malignant)")
-    p.add_argument("--positive", help="positive class of a binary task (default: malignant when present)")
-    p.add_argument("--model", help="timm backbone (default tf_efficientnet_lite0)")
-    p.add_argument("--weights", help="local backbone checkpoint (.safetensors or state dict)")
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
-                   help="start from random weights")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--resize", choices=["pad", "stretch"])
-    p.add_argument("--balance", choices=["weighted", "undersample", "none"])
-    p.add_argument("--clean-overlays", dest="clean_overlays", action=argparse.BooleanOptionalAction, default=None,
-                   help="paint over near-white calipers, text and markers before resizing")
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
-    p.add_argument("--offline-augment", type=int, metavar="N", help="N fixed transformed copies per image")
-    p.add_argument("--test-size", type=float)
-    p.add_argument("--val-size", type=float)
-    p.add_argument("--head-epochs", type=int)
-    p.add_argument("--finetune-epochs", type=int)
-    p.add_argument("--head-lr", type=float)
-    p.add_argument("--finetune-lr", type=float)
-    p.add_argument("--unfreeze", help="top blocks to fine-tune in phase 2: a number or 'all' (0 skips phase 2)")
-    p.add_argument("--optimizer", choices=["adamw", "adagrad", "sgd"])
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--patience", type=int)
-    p.add_argument("--ema-epochs", type=float, metavar="E",
-                   help="phase 2 keeps a moving average of the weights over about E epochs (0 = off; default 2)")
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--no-tta", dest="tta", action="store_false", default=None, help="no test-time augmentation")
-    p.add_argument("--tta-zooms", type=float, nargs="*", metavar="Z",
-                   help="test-time zooms averaged besides the image as it is, each also mirrored "
-                        "(default 0.87 1.15; none given: the mirror image only)")
-    p.add_argument("--temperature-scaling", dest="temperature_scaling", action="store_true", default=None,
-                   help="calibrate probabilities with a temperature fitted on validation data")
-    p.add_argument("--ci", choices=["delong", "bootstrap"], help="AUC confidence interval method (default delong)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--threads", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--skip-bad", action="store_true", default=None, help="leave out unreadable images, with a warning")
-    p.add_argument("--no-dedup", dest="dedup", action="store_false", default=None,
-                   help="do not look for duplicate images when splitting")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_options(p)
 
 
-CONFIG_ARGS = ("classes", "positive", "model", "weights", "pretrained", "img_size", "resize", "balance", "augment",
-               "offline_augment", "test_size", "val_size", "head_epochs", "finetune_epochs", "head_lr",
-               "finetune_lr", "unfreeze", "optimizer", "batch_size", "patience", "ema_epochs", "dropout", "tta",
-               "tta_zooms", "precision", "threads", "seed", "skip_bad", "dedup", "clean_overlays", "temperature_scaling",
-               "ci")
+def _config(a):
+    from .config import TrainConfig
+
+    values = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(a, f.name)}
+    return TrainConfig.from_recipe(values.pop("recipe") or "default", **values)
 
 
 def _print_metrics(m: dict, where: str) -> None:
@@ -85,7 +74,6 @@ def _print_metrics(m: dict, where: str) -> None:
 
 
 def cmd_train(a) -> None:
-    from .config import TrainConfig
     from .train import fit
 
     if a.resume:
@@ -95,7 +83,7 @@ def cmd_train(a) -> None:
     elif not a.out:
         raise SonocadError("train: the following arguments are required: --out")
     else:
-        cfg = TrainConfig.from_recipe(a.recipe, **{k: getattr(a, k) for k in CONFIG_ARGS})
+        cfg = _config(a)
     m = fit(a.data, a.out, cfg, test_data=a.test_data, progress=not a.quiet, resume=bool(a.resume))
     _warn_bad(m["data"].get("skipped_bad_images", []))
     _print_metrics(m, "test")
@@ -119,6 +107,7 @@ def cmd_evaluate(a) -> None:
                      precision=a.precision, shortcut=a.shortcut_check)
     _warn_bad(m["data"].get("skipped_bad_images", []))
     _print_metrics(m, "evaluation")
+    _warn_bad(m.get("shortcut_check", {}).get("skipped_bad_images", []))
     if "shortcut_check" in m:
         from .shortcut import VERSIONS
 
@@ -157,14 +146,13 @@ def cmd_predict(a) -> None:
 
 
 def cmd_cv(a) -> None:
-    from .config import TrainConfig
     from .cv import cross_validate
 
     if not a.out:
         raise SonocadError("cv: the following arguments are required: --out")
     if a.resume or a.test_data:
         raise SonocadError("cv: --resume and --test are train options; cv reuses finished folds in --out by itself")
-    cfg = TrainConfig.from_recipe(a.recipe, **{k: getattr(a, k) for k in CONFIG_ARGS})
+    cfg = _config(a)
     m = cross_validate(a.data, a.out, cfg, folds=a.folds, repeats=a.repeats, external=a.external,
                        progress=not a.quiet)
     _warn_bad(m["data"].get("skipped_bad_images", []))
@@ -198,23 +186,25 @@ def cmd_compare(a) -> None:
 
 
 def cmd_dedup(a) -> None:
-    from .data.dedup import find_duplicates
     from .data.discover import discover
+    from .dedup import find_duplicates
 
     samples = discover(a.data, a.classes)
     paths, labels = [s.path for s in samples], [s.label for s in samples]
-    res = find_duplicates(paths, labels, progress=not a.quiet)
+    res = find_duplicates(paths, labels, method=a.method, threshold=a.threshold, progress=not a.quiet)
     sizes = [len(g) for g in res.groups]
     print(f"{len(paths)} images: {len(res.groups)} duplicate groups ({sum(sizes)} images, largest {max(sizes, default=0)}), "
           f"{len(res.conflicts)} with members of different classes")
     for g in res.conflicts:
         print("  label conflict: " + "; ".join(f"{paths[i]} ({labels[i]})" for i in g))
     if a.out:
-        from .io import ensure_writable_dir
+        from .dedup import summarize
+        from .io import atomic_write_text, ensure_writable_dir
 
         out = ensure_writable_dir(a.out)
         res.to_csv(out / "duplicates.csv", paths, labels)
-        print(f"wrote {out / 'duplicates.csv'}")
+        atomic_write_text(out / "duplicates.json", json.dumps(summarize(res, paths, labels), indent=1))
+        print(f"wrote {out / 'duplicates.csv'} and {out / 'duplicates.json'} (every group and linked pair)")
 
 
 def cmd_synth(a) -> None:
@@ -259,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dedup", help="find exact and near-duplicate images (and label conflicts)")
     p.add_argument("data")
     p.add_argument("--classes", nargs="+")
-    p.add_argument("--out", help="folder for duplicates.csv (path, group, label)")
+    p.add_argument("--method", default="combined", choices=["phash", "embed", "match", "combined"],
+                   help="detector: perceptual hash, CNN embedding, cross-correlation match, or pHash + match")
+    p.add_argument("--threshold", type=float, help="linking score of the method (combined: of match)")
+    p.add_argument("--out", help="folder for duplicates.csv (path, group, label) and duplicates.json")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_dedup)
 
@@ -268,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="+")
     p.add_argument("--out", required=True)
     p.add_argument("--skip-bad", action="store_true")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--shortcut-check", action="store_true",
                    help="also predict with overlays removed and with the lesion hidden (smooth fill, tissue "
                    "texture, a textured box over its outline); needs lesion masks")
@@ -279,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--csv", help="write the predictions to this CSV instead of standard output")
     p.add_argument("--skip-bad", action="store_true")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("synth", help="write a synthetic B-mode phantom dataset (demo and test data)")
@@ -306,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
 
         tune_allocator()
         args.func(args)
+    except OptionError as e:
+        print(f"sonocad: error: {e.flag}: {e.message}", file=sys.stderr)
+        return 2
     except SonocadError as e:
         print(f"sonocad: error: {e}", file=sys.stderr)
         return 2

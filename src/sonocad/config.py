@@ -1,5 +1,8 @@
 """One typed config with every training knob; recipes are named presets of it.
 
+Each field is declared once: its default, its help text and its allowed values (field metadata) make
+both the checks in `validate` and the command-line options (`sonocad train --help`).
+
 >>> cfg = TrainConfig.from_recipe("notebook", seed=1)
 >>> cfg.model, cfg.batch_size, cfg.optimizer
 ('inception_v3', 8, 'adagrad')
@@ -8,79 +11,93 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SonocadError
+from .errors import OptionError, SonocadError
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def option(default: Any = None, help: str = "", *, choices: tuple | None = None, metavar: str | None = None,
+           cli: bool = True, default_factory=None):
+    """A config field with its help text and allowed values (read by validate and the CLI)."""
+    meta = {"help": help, "choices": choices, "metavar": metavar, "cli": cli}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
     """Everything that decides what a training run does. Saved as RUN/config.json."""
 
-    recipe: str = "default"
+    recipe: str = option("default", "named preset the other options override (default: default)")
     # model
-    model: str = DEFAULT_MODEL
-    pretrained: bool = True
-    weights: str | None = None          # local checkpoint instead of the packaged / hub weights
-    img_size: int | None = None         # None: the backbone's pretrained input size
-    resize: str = "pad"                 # pad (keep aspect ratio, letterbox) | stretch (the notebook's)
-    clean_overlays: bool = True         # paint over bright calipers, text and markers before resizing
-    hidden: int = 256
-    dropout: float = 0.3
+    model: str = option(DEFAULT_MODEL, f"timm backbone (default {DEFAULT_MODEL})")
+    pretrained: bool = option(True, "start from ImageNet weights (--no-pretrained: random weights)")
+    weights: str | None = option(None, "local backbone checkpoint (.safetensors or state dict) instead of the "
+                                 "packaged or hub weights", metavar="PATH")
+    img_size: int | None = option(None, "input size in px (default: the backbone's pretrained size)")
+    resize: str = option("pad", "pad: keep the aspect ratio (letterbox); stretch: the notebook's square resize",
+                         choices=("pad", "stretch"))
+    clean_overlays: bool = option(True, "paint over near-white calipers, text and markers before resizing")
+    hidden: int = option(256, "units of the head's hidden dense layer")
+    dropout: float = option(0.3, "dropout before the head's output layer")
     # data
-    classes: list[str] | None = None
-    positive: str | None = None
-    balance: str = "weighted"           # weighted | undersample | none
-    augment: bool = True                # on-the-fly ultrasound augmentation in phase 2
-    offline_augment: int = 0            # N fixed transformed copies per training image (the notebook used 7)
-    dedup: bool = True                  # find duplicate images and keep each set on one side of every split
-    val_size: float = 0.15
-    test_size: float = 0.2
-    skip_bad: bool = False
+    classes: list[str] | None = option(None, "classes to use, in order (e.g. benign malignant)")
+    positive: str | None = option(None, "positive class of a binary task (default: malignant when present)")
+    balance: str = option("weighted", "class balance: weighted loss, undersample the training part, or none",
+                          choices=("weighted", "undersample", "none"))
+    augment: bool = option(True, "on-the-fly ultrasound augmentation in phase 2")
+    offline_augment: int = option(0, "N fixed transformed copies per training image (the notebook used 7)",
+                                  metavar="N")
+    dedup: bool = option(True, "find duplicate images and keep each set on one side of every split")
+    val_size: float = option(0.15, "validation fraction of what is not held out for testing")
+    test_size: float = option(0.2, "held-out test fraction (when no separate test data is given)")
+    skip_bad: bool = option(False, "leave out unreadable images, with a warning")
     # phase 1: frozen backbone, head only
-    head_epochs: int = 60
-    head_lr: float = 3e-4
+    head_epochs: int = option(60, "phase 1 (head on the frozen backbone): most epochs, early stopping")
+    head_lr: float = option(3e-4, "phase 1 learning rate")
     # phase 2: top blocks unfrozen
-    unfreeze: str = "2"                 # number of top blocks, or "all", or "0" to skip phase 2
-    finetune_epochs: int = 12
-    finetune_lr: float = 2e-4
+    unfreeze: str = option("2", "top blocks to fine-tune in phase 2: a number or 'all' (0 skips phase 2)")
+    finetune_epochs: int = option(12, "phase 2 epochs")
+    finetune_lr: float = option(2e-4, "phase 2 peak learning rate (warm-up, then cosine)")
     # optimisation
-    optimizer: str = "adamw"            # adamw | adagrad | sgd
-    weight_decay: float = 1e-4
-    batch_size: int = 32
-    patience: int = 4
-    ema_epochs: float = 2.0             # phase 2 runs its full schedule and keeps an exponential moving
-                                        # average of the weights over this many epochs; 0 = the raw weights
-                                        # of the epoch with the best validation loss (early stopping)
-    cache_features: bool = True         # phase 1 trains the head on backbone features computed once
-    feature_views: int = 4              # augmented views per training image among the cached features
-    tta: bool = True                    # average the prediction with its horizontal flip ...
-    tta_zooms: list[float] = field(default_factory=lambda: [0.87, 1.15])   # ... and with these zooms (+ flips)
-    temperature_scaling: bool = False   # fit a temperature on validation data (binary), saved with the model
-    ci: str = "delong"                  # AUC confidence interval: delong | bootstrap (stratified)
-    precision: str = "auto"             # auto | fp32 | bf16 | fp16
-    threads: int = 0                    # torch threads; 0 = leave torch's default
-    seed: int = 0
+    optimizer: str = option("adamw", "optimiser", choices=("adamw", "adagrad", "sgd"))
+    weight_decay: float = option(1e-4, "weight decay of the optimiser")
+    batch_size: int = option(32, "images per batch")
+    patience: int = option(4, "epochs without a better validation loss before early stopping")
+    ema_epochs: float = option(2.0, "phase 2 keeps a moving average of the weights over about E epochs and runs "
+                               "its full schedule (0: the epoch with the best validation loss, early stopping)",
+                               metavar="E")
+    cache_features: bool = option(True, "phase 1 trains the head on backbone features computed once")
+    feature_views: int = option(4, "augmented views per training image among phase 1's cached features")
+    tta: bool = option(True, "test-time augmentation: average the prediction over mirrored and zoomed views")
+    tta_zooms: list[float] = option(help="test-time zooms averaged besides the image as it is, each also mirrored "
+                                    "(default 0.87 1.15; none given: the mirror image only)", metavar="Z",
+                                    default_factory=lambda: [0.87, 1.15])
+    temperature_scaling: bool = option(False, "calibrate probabilities with a temperature fitted on validation "
+                                       "data (binary), saved with the model")
+    ci: str = option("delong", "AUC confidence interval method", choices=("delong", "bootstrap"))
+    precision: str = option("auto", "auto: bf16 autocast on CPUs with native bf16, else fp32", choices=PRECISIONS)
+    threads: int = option(0, "torch threads (0: torch's default)")
+    seed: int = option(0, "random seed: the same seed on the same machine gives the same numbers")
 
     def validate(self) -> "TrainConfig":
-        """Check option values; raise SonocadError naming the first impossible one."""
-        def bad(opt: str, why: str):
-            raise SonocadError(f"--{opt.replace('_', '-')}: {why}")
+        """Check option values; raise OptionError naming the first impossible one."""
+        def bad(name: str, why: str):
+            raise OptionError(name, why)
 
-        if self.resize not in ("pad", "stretch"):
-            bad("resize", f"must be pad or stretch, not {self.resize!r}")
-        if self.balance not in ("weighted", "undersample", "none"):
-            bad("balance", f"must be weighted, undersample or none, not {self.balance!r}")
-        if self.optimizer not in ("adamw", "adagrad", "sgd"):
-            bad("optimizer", f"must be adamw, adagrad or sgd, not {self.optimizer!r}")
-        if self.ci not in ("delong", "bootstrap"):
-            bad("ci", f"must be delong or bootstrap, not {self.ci!r}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            bad("precision", f"must be auto, fp32, bf16 or fp16, not {self.precision!r}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                bad(f.name, f"must be {', '.join(choices[:-1])} or {choices[-1]}, not {getattr(self, f.name)!r}")
+        if self.recipe not in RECIPES:
+            bad("recipe", f"unknown recipe {self.recipe!r}; known: {', '.join(RECIPES)}")
         if self.unfreeze != "all" and not (str(self.unfreeze).isdigit()):
             bad("unfreeze", f"must be a number of blocks or 'all', not {self.unfreeze!r}")
         self.unfreeze = str(self.unfreeze)
@@ -88,10 +105,9 @@ class TrainConfig:
             bad("img_size", f"must be at least 32 px, not {self.img_size}")
         if not 0.0 <= self.dropout < 1.0:
             bad("dropout", f"must be in [0, 1), not {self.dropout}")
-        if not 0.0 < self.val_size < 0.5:
-            bad("val_size", f"must be between 0 and 0.5, not {self.val_size}")
-        if not 0.0 < self.test_size < 0.5:
-            bad("test_size", f"must be between 0 and 0.5, not {self.test_size}")
+        for name in ("val_size", "test_size"):
+            if not 0.0 < getattr(self, name) < 0.5:
+                bad(name, f"must be between 0 and 0.5, not {getattr(self, name)}")
         for name in ("batch_size", "hidden"):
             if getattr(self, name) < 1:
                 bad(name, f"must be at least 1, not {getattr(self, name)}")
@@ -101,8 +117,10 @@ class TrainConfig:
         if not 0.0 <= self.ema_epochs <= 1000:
             bad("ema_epochs", f"must be between 0 (off) and 1000, not {self.ema_epochs}")
         for name in ("head_lr", "finetune_lr"):
-            if not getattr(self, name) > 0:
-                bad(name, f"must be positive, not {getattr(self, name)}")
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                bad(name, f"must be a positive number, not {getattr(self, name)}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            bad("weight_decay", f"must be a number of at least 0, not {self.weight_decay}")
         if any(not 0.5 <= z <= 2.0 for z in self.tta_zooms):
             bad("tta_zooms", f"each zoom must be between 0.5 and 2, not {' '.join(map(str, self.tta_zooms))}")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
@@ -115,7 +133,7 @@ class TrainConfig:
     def from_recipe(cls, recipe: str = "default", **overrides: Any) -> "TrainConfig":
         """A recipe's preset with `overrides` (None values are ignored) applied on top."""
         if recipe not in RECIPES:
-            raise SonocadError(f"--recipe: unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+            raise OptionError("recipe", f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
         values = {**RECIPES[recipe], "recipe": recipe}
         values.update({k: v for k, v in overrides.items() if v is not None})
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
@@ -163,6 +181,10 @@ class RunInfo:
     thresholds: dict = field(default_factory=dict)
     temperature: float = 1.0
     version: str = ""
+
+    @property
+    def binary(self) -> bool:
+        return len(self.classes) == 2
 
     def save(self, path: Path) -> None:
         from .io import atomic_write_text

@@ -13,20 +13,22 @@ import time
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from . import __version__
 from .config import RunInfo, TrainConfig
-from .data import discover, resolve_classes
+from .data import discover
 from .data.split import group_ids
-from .errors import SonocadError
-from .evaluate import predict_images, read_predictions, score_predictions, write_evaluation
+from .errors import OptionError, SonocadError
 from .infer import InputPipeline, resolve_precision
 from .io import ensure_writable_dir
 from .metrics import binary_metrics
+from .models import parameter_count
+from .predictor import predict_images
+from .prepare import Prepared, data_summary, decode_split, decode_task, find_task, split_train_val
 from .report import html_table
-from .train import (Split, build_model, check_disk_space, data_summary, decode_split, seed_everything,
-                    split_train_val, train_and_evaluate, with_duplicate_groups)
-from .models import input_config
+from .results import read_predictions, score_predictions, write_evaluation
+from .train import run_info, train_and_evaluate
+from .trainer import build_model, check_disk_space, seed_everything
 
+# per-fold figures (multi-class tasks have no CI, sensitivity or specificity)
 FOLD_KEYS = ("auc", "auc_ci", "sensitivity", "specificity", "balanced_accuracy", "accuracy", "n")
 
 
@@ -35,8 +37,8 @@ def fold_indices(y: np.ndarray, groups: list, sites: list, folds: int, seed: int
     strata = np.asarray([f"{s}|{c}" for s, c in zip(sites, y)])
     counts = {k: int((strata == k).sum()) for k in set(strata)}
     if min(counts.values()) < folds:
-        raise SonocadError(f"--folds {folds}: the smallest class (per site) has only {min(counts.values())} "
-                           "images; use fewer folds")
+        raise OptionError("folds", f"{folds}: the smallest class (per site) has only {min(counts.values())} "
+                          "images; use fewer folds")
     fold = np.empty(len(y), int)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     for k, (_, held) in enumerate(splitter.split(np.zeros(len(y)), strata, group_ids(groups))):
@@ -59,27 +61,27 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
     out/oof_predictions.csv (path,label,group,fold,prob), plots and report.html."""
     cfg = (cfg or TrainConfig.from_recipe(overrides.pop("recipe", "default"), **overrides)).validate()
     if folds < 2:
-        raise SonocadError(f"--folds must be at least 2, not {folds}")
+        raise OptionError("folds", f"must be at least 2, not {folds}")
     if repeats < 1:
-        raise SonocadError(f"--repeats must be at least 1, not {repeats}")
+        raise OptionError("repeats", f"must be at least 1, not {repeats}")
     out = ensure_writable_dir(out)
     t0 = time.perf_counter()
-    img_size, mean, std = input_config(cfg.model, cfg.img_size)
     seed_everything(cfg.seed)
-    samples = discover(data, cfg.classes)
-    classes, positive = resolve_classes(samples, cfg.classes, cfg.positive)
+    task = find_task(data, cfg)
+    classes, positive, img_size = task.classes, task.positive, task.img_size
     precision = resolve_precision(cfg.precision)
-    check_disk_space(out, build_model(cfg, len(classes), precision))
-    full, bad = decode_split(samples, classes, cfg, img_size, "training")
-    full, n_dup = with_duplicate_groups(full, cfg, progress)
+    check_disk_space(out, folds * repeats * parameter_count(cfg.model, 1 if len(classes) == 2 else len(classes),
+                                                            cfg.hidden))
+    prepared = decode_task(task, cfg, progress)
+    full, bad = prepared.full, list(prepared.bad)
     groups = list(full.groups)
-    sites = [s.site or "" for s in full.samples]
+    sites = prepared.sites
     ext = None
     if external:
         ext_samples = discover(external, classes, allow_missing_classes=True)
         ext, bad_ext = decode_split(ext_samples, classes, cfg, img_size, "external")
         bad += bad_ext
-    pipeline = InputPipeline(mean, std, precision)
+    pipeline = InputPipeline(task.mean, task.std, precision)
 
     oof = np.zeros((repeats, len(full.y), len(classes)))
     fold_thresholds: list[dict] = [{} for _ in full.y]      # each sample's fold's operating points (repeat 1)
@@ -99,8 +101,9 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
             if not done:
                 fold_cfg = TrainConfig.from_dict({**cfg.to_dict(), "seed": seed + k})
                 train, val = split_train_val(full.take(rest), fold_cfg)
-                summary = data_summary(data, f"fold {k + 1} of {folds}", classes, train, val, test, bad)
-                info = RunInfo(fold_cfg, classes, positive, img_size, mean, std, summary, version=__version__)
+                summary = data_summary(data, f"fold {k + 1} of {folds}", prepared, train, val, test,
+                                       bad[len(prepared.bad):], fold_cfg.offline_augment)
+                info = run_info(fold_cfg, prepared, summary)
                 # the fold's own seed before its head is drawn: a fold trained again alone, or after a
                 # fresh instead of a cached duplicate search, starts where it started the first time
                 seed_everything(fold_cfg.seed)
@@ -126,19 +129,21 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
                 ext_probs.append(read_predictions(ext_csv, classes)[1])
             oof[r, held] = probs
             fm = score_predictions(test.y, probs, info)
-            row = {"repeat": r + 1, "fold": k + 1, **{key: fm[key] for key in FOLD_KEYS}}
+            row = {"repeat": r + 1, "fold": k + 1, **{key: fm[key] for key in FOLD_KEYS if key in fm}}
             if ext:
                 em = score_predictions(ext.y, ext_probs[-1], info)
                 row["external_auc"] = em["auc"]
                 row["external_auc_ci"] = em.get("auc_ci", [float("nan")] * 2)
             per_fold.append(row)
 
-    pooled_info = RunInfo(cfg, classes, positive, img_size, mean, std, {}, {"default": 0.5}, version=__version__)
+    pooled_info = run_info(cfg, prepared, {})
+    pooled_info.thresholds = {"default": 0.5}
     pooled = score_predictions(full.y, oof[0], pooled_info)
     metrics: dict = {"pooled": pooled, "auc": pooled["auc"], "auc_ci": pooled.get("auc_ci"),
                      "folds": folds, "repeats": repeats, "per_fold": per_fold,
                      "mean_sd": {key: _mean_sd([f[key] for f in per_fold])
-                                 for key in ("auc", "sensitivity", "specificity", "balanced_accuracy")}}
+                                 for key in ("auc", "sensitivity", "specificity", "balanced_accuracy")
+                                 if key in per_fold[0]}}
     if len(classes) == 2:
         metrics["pooled"]["fold_operating_points"] = fold_operating_points(full.y, oof[0, :, 1], fold_thresholds)
     if repeats > 1:
@@ -163,7 +168,7 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
         "source": [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data),
         "n_per_class": {c: int((full.y == i).sum()) for i, c in enumerate(classes)},
         "sites": {s: int((np.asarray(sites) == s).sum()) for s in sorted(set(sites))} if any(sites) else {},
-        "grouping": cfg_grouping(cfg, n_dup, full),
+        "grouping": cfg_grouping(cfg, prepared),
         "skipped_bad_images": bad,
     }
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
@@ -193,36 +198,36 @@ def fold_operating_points(y: np.ndarray, prob: np.ndarray, thresholds: list[dict
     return out
 
 
-def cfg_grouping(cfg: TrainConfig, n_dup: int, full: Split) -> str:
+def cfg_grouping(cfg: TrainConfig, prepared: Prepared) -> str:
     parts = []
-    if any(s.group for s in full.samples):
+    if any(s.group for s in prepared.full.samples):
         parts.append("group column / patient ids")
     if cfg.dedup:
-        parts.append(f"duplicate groups found by sonocad dedup ({n_dup} groups of 2+ images)")
+        parts.append(f"duplicate groups found by sonocad dedup ({prepared.n_duplicate_sets} groups of 2+ images)")
     return "; ".join(parts) or "image (no groups known)"
 
 
 def _fold_section(per_fold: list[dict], metrics: dict, external: bool) -> str:
-    header = ["repeat", "fold", "n", "AUC", "AUC 95% CI", "sensitivity", "specificity", "balanced accuracy"]
+    columns = [(k, h) for k, h in (("n", "n"), ("auc", "AUC"), ("auc_ci", "AUC 95% CI"), ("sensitivity", "sensitivity"),
+                                   ("specificity", "specificity"), ("balanced_accuracy", "balanced accuracy"),
+                                   ("accuracy", "accuracy")) if k in per_fold[0]]
     if external:
-        header += ["external AUC", "external 95% CI"]
-    rows = [[f["repeat"], f["fold"], f["n"], f["auc"], f["auc_ci"], f["sensitivity"], f["specificity"],
-             f["balanced_accuracy"], *([f["external_auc"], f["external_auc_ci"]] if external else [])]
-            for f in per_fold]
+        columns += [("external_auc", "external AUC"), ("external_auc_ci", "external 95% CI")]
+    rows = [[f["repeat"], f["fold"], *(f[k] for k, _ in columns)] for f in per_fold]
     ms = metrics["mean_sd"]
-    text = (f"<h2>Folds</h2><p>Mean ± sd over folds: AUC {ms['auc'][0]:.3f} ± {ms['auc'][1]:.3f}, sensitivity "
-            f"{ms['sensitivity'][0]:.3f} ± {ms['sensitivity'][1]:.3f}, specificity {ms['specificity'][0]:.3f} ± "
-            f"{ms['specificity'][1]:.3f}. Each fold's sensitivity and specificity use the operating point "
-            "(threshold 0.5 of the class-weighted model) on its own held-out fold; pooled figures above use all "
-            "out-of-fold predictions at once.</p>" + html_table(header, rows))
+    spread = ", ".join(f"{k.replace('_', ' ')} {v[0]:.3f} ± {v[1]:.3f}" for k, v in ms.items())
+    text = (f"<h2>Folds</h2><p>Mean ± sd over folds: {spread}. A binary fold's sensitivity and specificity use "
+            "the operating point (threshold 0.5 of the class-weighted model) on its own held-out fold; pooled "
+            "figures above use all out-of-fold predictions at once.</p>"
+            + html_table(["repeat", "fold", *(h for _, h in columns)], rows))
     if external:
         e = metrics["external"]
         en = e["ensemble"]
+        detail = (f" (95% CI {en['auc_ci'][0]:.3f}–{en['auc_ci'][1]:.3f}), sensitivity {en['sensitivity']:.3f}, "
+                  f"specificity {en['specificity']:.3f}" if "auc_ci" in en else f", accuracy {en['accuracy']:.3f}")
         text += (f"<h2>External site</h2><p>{e['source']} (n={e['n']}): per-fold models AUC "
                  f"{e['per_fold_auc_mean_sd'][0]:.3f} ± {e['per_fold_auc_mean_sd'][1]:.3f}; ensemble of the "
-                 f"{len(per_fold)} fold models (mean probability) AUC {en['auc']:.3f} (95% CI "
-                 f"{en['auc_ci'][0]:.3f}–{en['auc_ci'][1]:.3f}), sensitivity {en['sensitivity']:.3f}, "
-                 f"specificity {en['specificity']:.3f}.</p>")
+                 f"{len(per_fold)} fold models (mean probability) AUC {en['auc']:.3f}{detail}.</p>")
     return text
 
 

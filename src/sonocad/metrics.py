@@ -47,9 +47,7 @@ _NAN = float("nan")
 _T_MIN, _T_MAX = 1e-2, 1e2
 
 
-# ---------------------------------------------------------------------------
-# input checks
-
+# --- input checks ---
 
 def _binary_inputs(y_true, prob, *, probability: bool = False) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y_true)
@@ -79,9 +77,7 @@ def _ratio(num: float, den: float) -> float:
     return float(num) / float(den) if den else _NAN
 
 
-# ---------------------------------------------------------------------------
-# DeLong
-
+# --- DeLong ---
 
 def _delong_components(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fast DeLong (Sun & Xu 2014) for k score vectors (k, n) at once.
@@ -154,9 +150,7 @@ def delong_test(y_true, prob_a, prob_b) -> dict:
     return {"auc_a": float(auc[0]), "auc_b": float(auc[1]), "diff": diff, "z": float(z), "p_value": float(p_value)}
 
 
-# ---------------------------------------------------------------------------
-# bootstrap
-
+# --- bootstrap ---
 
 def bootstrap_auc_ci(
     y_true, prob, n_boot: int = 2000, alpha: float = 0.95, seed: int = 0
@@ -188,9 +182,7 @@ def bootstrap_auc_ci(
     return auc, float(lo), float(hi)
 
 
-# ---------------------------------------------------------------------------
-# proportions
-
+# --- proportions ---
 
 def wilson_ci(successes: int, n: int, alpha: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion; ``(nan, nan)`` when n == 0."""
@@ -209,13 +201,10 @@ def wilson_ci(successes: int, n: int, alpha: float = 0.95) -> tuple[float, float
     return lo, hi
 
 
-# ---------------------------------------------------------------------------
-# binary summary
-
+# --- binary summary ---
 
 def _roc(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
-    return fpr, tpr, thr
+    return roc_curve(y, p, drop_intermediate=False)
 
 
 def _sens_at_spec(fpr, tpr, min_spec: float) -> float:
@@ -307,9 +296,7 @@ def choose_thresholds(y_val, prob_val, target_sensitivity: float = 0.95) -> dict
     return out
 
 
-# ---------------------------------------------------------------------------
-# calibration
-
+# --- calibration ---
 
 def calibration(y_true, prob, n_bins: int = 10) -> dict:
     """Reliability data with ``n_bins`` equal-width bins on [0, 1].
@@ -365,9 +352,7 @@ def fit_temperature(y_val, logit_val) -> float:
     return float(math.exp(res.x))
 
 
-# ---------------------------------------------------------------------------
-# multiclass
-
+# --- multiclass ---
 
 def multiclass_metrics(y_true, probs, classes: list[str]) -> dict:
     """Metrics for a k-class classifier predicting ``argmax(probs)``.

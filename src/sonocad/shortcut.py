@@ -5,7 +5,7 @@ A model that still separates benign from malignant with the lesion hidden is rea
 the lesion mask and are legitimate cues, so "lesion masked" AUC far above 0.5 is a warning, not proof.
 
 >>> from sonocad.shortcut import shortcut_check
->>> shortcut_check("runs/busi", "BUSBRA")["lesion_masked"]["auc"]   # doctest: +SKIP
+>>> shortcut_check(Predictor.load("runs/busi"), "BUSBRA")["lesion_masked"]["auc"]   # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from scipy import ndimage
 from .data import discover
 from .data.images import load_gray, remove_overlays, to_square
 from .errors import SonocadError
-from .evaluate import Predictor, load_predictor
 from .metrics import delong_auc_ci
+from .predictor import Predictor
+from .report import html_table
 
 
 def lesion_mask(mask_paths: tuple[str, ...], size: int, resize: str) -> np.ndarray:
@@ -98,39 +99,66 @@ VERSIONS = {
 }
 
 
-def shortcut_check(run: str | Path, data, max_images: int | None = None,
-                   predictor: Predictor | None = None) -> dict:
+def _versions(predictor: Predictor, sample) -> dict[str, np.ndarray]:
+    """The image of `sample` as the run sees it, and each altered version (VERSIONS)."""
+    info = predictor.info
+    size, resize = info.img_size, info.config.resize
+    gray = load_gray(sample.path)
+    if info.config.clean_overlays:
+        gray = remove_overlays(gray)
+    img = to_square(gray, size, resize)
+    lesion = lesion_mask(sample.masks, size, resize)
+    dilated = ndimage.binary_dilation(lesion, iterations=4) if lesion.any() else lesion
+    return {"original": img,
+            "overlays_removed": img if info.config.clean_overlays else to_square(remove_overlays(gray), size, resize),
+            "lesion_masked": mask_out(img, lesion),
+            "lesion_textured": fill_with_tissue(img, dilated),
+            "box_textured": fill_with_tissue(img, lesion_box(lesion))}
+
+
+def shortcut_check(predictor: Predictor, data, max_images: int | None = None, skip_bad: bool = False) -> dict:
     """AUC and mean absolute change of the positive-class probability for each version (VERSIONS) of every
     image that has a lesion mask: as it is, with overlays removed, and with the lesion hidden three ways.
-    `predictor`: the run's models when the caller has loaded them already."""
-    predictor = predictor or load_predictor(run)
+    With `skip_bad`, images or masks that cannot be read are left out (listed under `skipped_bad_images`)."""
     info = predictor.info
-    if len(info.classes) != 2:
+    if not info.binary:
         raise SonocadError("the shortcut check needs a binary run")
     samples = [s for s in discover(data, info.classes, allow_missing_classes=True) if s.masks]
     if not samples:
         raise SonocadError(f"{data}: no lesion masks found; the shortcut check needs them")
     samples = samples[:max_images] if max_images else samples
-    size, resize = info.img_size, info.config.resize
-    versions = {k: [] for k in VERSIONS}
+    versions: dict[str, list] = {k: [] for k in VERSIONS}
+    kept, bad = [], []
     for s in samples:
-        gray = load_gray(s.path)
-        if info.config.clean_overlays:
-            gray = remove_overlays(gray)
-        img = to_square(gray, size, resize)
-        versions["original"].append(img)
-        versions["overlays_removed"].append(img if info.config.clean_overlays
-                                            else to_square(remove_overlays(gray), size, resize))
-        lesion = lesion_mask(s.masks, size, resize)
-        versions["lesion_masked"].append(mask_out(img, lesion))
-        dilated = ndimage.binary_dilation(lesion, iterations=4) if lesion.any() else lesion
-        versions["lesion_textured"].append(fill_with_tissue(img, dilated))
-        versions["box_textured"].append(fill_with_tissue(img, lesion_box(lesion)))
-    y = np.asarray([info.classes.index(s.label) for s in samples])
-    probs = {k: predictor.predict(np.stack(v))[:, 1] for k, v in versions.items()}
-    result = {"n": len(samples), "data": str(data)}
+        try:
+            one = _versions(predictor, s)
+        except SonocadError as e:
+            if not skip_bad:
+                raise
+            bad.append(str(e))
+            continue
+        kept.append(s)
+        for k, v in one.items():
+            versions[k].append(v)
+    if not kept:
+        raise SonocadError(f"{data}: none of the {len(samples)} images with masks could be read")
+    y = np.asarray([info.classes.index(s.label) for s in kept])
+    probs = {k: predictor.predict_proba(np.stack(v))[:, 1] for k, v in versions.items()}
+    result = {"n": len(kept), "data": str(data), "skipped_bad_images": bad}
     for k, p in probs.items():
         auc, lo, hi = delong_auc_ci(y, p)
         result[k] = {"auc": auc, "auc_ci": [lo, hi],
                      "mean_abs_change": float(np.mean(np.abs(p - probs["original"])))}
     return result
+
+
+def shortcut_section(sc: dict) -> str:
+    """The report's HTML section for a shortcut_check result."""
+    rows = [[k.replace("_", " "), VERSIONS[k], sc[k]["auc"], sc[k]["auc_ci"], sc[k]["mean_abs_change"]]
+            for k in VERSIONS]
+    return (f"<h2>Shortcut check</h2><p>{sc['n']} images with lesion masks, predicted as they are, with overlays "
+            "painted over, and with the lesion hidden. A model that still separates the classes with the lesion "
+            "and its outline hidden (box textured) reads something other than the lesion: annotations, the site's "
+            "presets, surrounding anatomy. Posterior shadowing and enhancement lie below the box and are "
+            "legitimate cues, so an AUC above 0.5 there is a warning, not proof.</p>"
+            + html_table(["images", "how", "AUC", "AUC 95% CI", "mean |change| of P(positive)"], rows))

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..errors import SonocadError
+from ..errors import OptionError, SonocadError
 
 MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<n>\d+))?$", re.IGNORECASE)
 BUSBRA_CSV = "bus_data.csv"
@@ -95,6 +95,28 @@ def _natural_key(p: Path):
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(p))]
 
 
+def image_files(inputs: list[str | Path]) -> list[Path]:
+    """Image paths from files and folders: folders are searched recursively, leaving out lesion masks
+    (`*_mask*`), hidden files and folders, and files that are not images by their suffix."""
+    from .images import IMAGE_SUFFIXES
+
+    files = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            found = sorted((f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                            and not MASK_RE.match(f.stem)
+                            and not any(_is_hidden(Path(part)) for part in f.relative_to(p).parts)),
+                           key=_natural_key)
+            if not found:
+                raise SonocadError(f"{p}: no images in this folder")
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            raise SonocadError(f"{p}: no such file or folder")
+    return files
+
+
 def read_manifest(path: Path) -> list[Sample]:
     """CSV with columns path,label and optional group, mask, site; relative paths resolve against its folder."""
     try:
@@ -162,8 +184,8 @@ def select_classes(samples: list[Sample], classes: list[str] | None, where: str,
         classes = sorted(found)
     unknown = [c for c in classes if c not in found]
     if unknown and not allow_missing:
-        raise SonocadError(f"--classes: {', '.join(unknown)} not found in {where} "
-                           f"(it has: {', '.join(sorted(found)) or 'no classes'})")
+        raise OptionError("classes", f"{', '.join(unknown)} not found in {where} "
+                          f"(it has: {', '.join(sorted(found)) or 'no classes'})")
     kept = [s for s in samples if s.label in classes]
     if not kept:
         raise SonocadError(f"{where}: no images of classes {', '.join(classes)}")
@@ -178,10 +200,10 @@ def resolve_classes(samples: list[Sample], classes: list[str] | None, positive: 
         raise SonocadError(f"need at least two classes to train, found only: {', '.join(found)}")
     if len(classes) != 2:
         if positive is not None and positive not in classes:
-            raise SonocadError(f"--positive: {positive!r} is not one of the classes {', '.join(classes)}")
+            raise OptionError("positive", f"{positive!r} is not one of the classes {', '.join(classes)}")
         return classes, positive
     if positive is None:
         positive = "malignant" if "malignant" in classes else classes[1]
     if positive not in classes:
-        raise SonocadError(f"--positive: {positive!r} is not one of the classes {', '.join(classes)}")
+        raise OptionError("positive", f"{positive!r} is not one of the classes {', '.join(classes)}")
     return [c for c in classes if c != positive] + [positive], positive

@@ -1,0 +1,394 @@
+"""The training loop: phase 1 (the head on a frozen backbone, early stopping) and phase 2 (the top blocks,
+with a moving average of their weights), a checkpoint after every epoch, resumable after a kill.
+
+>>> trainer = Trainer(model, train, val, n_classes=2, cfg=cfg, precision=precision,
+...                   pipeline=pipeline, out="runs/x")                          # doctest: +SKIP
+>>> model = trainer.run()                                                        # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .errors import OptionError, SonocadError
+from .infer import InputPipeline, Precision, run_batches
+from .io import atomic_path, atomic_write_text
+from .metrics import binary_metrics, multiclass_metrics
+from .models import Classifier, create_model, fold_batchnorm, freeze_batchnorm, save_model, set_trainable
+from .prepare import Split, offline_augment
+
+
+def make_loss(y: np.ndarray, n_classes: int, balance: str) -> nn.Module:
+    """Class-weighted BCE (binary, one logit) or cross-entropy; unweighted unless balance='weighted'.
+    Logits are taken in fp32 whatever precision produced them (bf16 logits and fp32 class weights do not mix)."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    if n_classes == 2:
+        pos_weight = torch.tensor(counts[0] / max(counts[1], 1)) if balance == "weighted" else None
+        return _Fp32Loss(nn.BCEWithLogitsLoss(pos_weight=pos_weight), binary=True)
+    weight = torch.tensor(len(y) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+    return _Fp32Loss(nn.CrossEntropyLoss(weight=weight if balance == "weighted" else None), binary=False)
+
+
+class _Fp32Loss(nn.Module):
+    def __init__(self, loss: nn.Module, binary: bool):
+        super().__init__()
+        self.loss, self.binary = loss, binary
+
+    def forward(self, logits, y):
+        if self.binary:
+            return self.loss(logits[:, 0].float(), y.float())
+        return self.loss(logits.float(), y.long())
+
+
+def make_optimizer(params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def _val_scores(logits: np.ndarray, y: np.ndarray, loss_fn, n_classes: int) -> dict:
+    t = torch.from_numpy(logits).float()
+    loss = float(loss_fn(t, torch.from_numpy(y)))
+    if n_classes == 2:
+        m = binary_metrics(y, torch.sigmoid(t[:, 0]).numpy(), ci=None)
+    else:
+        m = multiclass_metrics(y, torch.softmax(t, 1).numpy(), [str(i) for i in range(n_classes)])
+    return {"val_loss": loss, "val_auc": m["auc"], "val_accuracy": m["accuracy"]}
+
+
+class EarlyStopping:
+    """Keeps the best state (lowest validation loss) and says when `patience` epochs brought nothing."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.bad_epochs, self.state = patience, math.inf, 0, None
+
+    def update(self, val_loss: float, model: nn.Module, keep_last: bool = False) -> bool:
+        """Record an epoch; True when this epoch is the best so far. The state kept is the best epoch's,
+        or with `keep_last` this epoch's whatever its loss."""
+        improved = val_loss < self.best - 1e-6
+        if improved:
+            self.best, self.bad_epochs = val_loss, 0
+        else:
+            self.bad_epochs += 1
+        if improved or keep_last:
+            self.state = copy.deepcopy(model.state_dict())
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs > self.patience
+
+
+CHECKPOINT_KEYS = {"phase", "epoch", "model", "optimizer", "scheduler", "best_state", "best", "bad_epochs", "gen",
+                   "torch_rng", "log", "seconds"}
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint, loaded without running code (weights_only); one-line error if damaged."""
+    if not path.is_file():
+        raise SonocadError(f"{path.parent.parent}: no checkpoint there to resume from")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
+            raise ValueError("keys missing")
+    except Exception as e:
+        raise SonocadError(f"{path}: damaged or unsafe checkpoint ({e.__class__.__name__})") from None
+    return state
+
+
+def _n_batches(n: int, batch_size: int) -> int:
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest > 1 or n == 1 else 0)
+
+
+class Trainer:
+    """Runs both phases for one model on one train/validation split, writing the log and a checkpoint
+    after every epoch; `Trainer(..., resume=True)` continues from the last complete checkpoint and ends
+    where an uninterrupted run ends."""
+
+    def __init__(self, model: Classifier, train: Split, val: Split, n_classes: int, cfg: TrainConfig,
+                 precision: Precision, pipeline: InputPipeline, out: Path, progress: bool = True,
+                 resume: bool = False):
+        self.model, self.val, self.cfg, self.precision = model, val, cfg, precision
+        self.pipeline, self.out, self.progress = pipeline, Path(out), progress
+        self.n_classes = n_classes
+        self.loss_fn = make_loss(train.y, n_classes, cfg.balance)
+        self.train = offline_augment(train, cfg.offline_augment, cfg.seed)
+        self.log: list[dict] = []
+        self.stopper = EarlyStopping(cfg.patience)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.phase, self.epoch = "head", 0
+        self.ckpt_dir = self.out / "checkpoints"
+        self._pending: dict | None = None     # optimiser/scheduler state to restore on resume
+        self.seconds = {"head": 0.0, "finetune": 0.0}
+        self.ema: AveragedModel | None = None   # phase 2's moving average of the weights
+        if resume:
+            self._restore()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _checkpoint(self, opt=None, sched=None) -> None:
+        # in phase 1 only the head changes: checkpoint the head alone (kilobytes, not the whole model)
+        keep = (lambda k: k.startswith("head.")) if self.phase == "head" else (lambda k: True)
+        state = {
+            "phase": self.phase, "epoch": self.epoch,
+            "model": {k: v for k, v in self.model.state_dict().items() if keep(k)},
+            "optimizer": opt.state_dict() if opt else {}, "scheduler": sched.state_dict() if sched else {},
+            "best_state": {k: v for k, v in (self.stopper.state or {}).items() if keep(k)},
+            "best": self.stopper.best, "bad_epochs": self.stopper.bad_epochs,
+            "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "log": json.dumps(self.log), "seconds": json.dumps(self.seconds),
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        with atomic_path(self.ckpt_dir / "last.pt") as tmp:
+            torch.save(state, tmp)
+
+    def _restore(self) -> None:
+        path = self.ckpt_dir / "last.pt"
+        state = read_checkpoint(path)
+        initial = {k: v.clone() for k, v in self.model.state_dict().items()}
+        try:
+            self.model.load_state_dict({**initial, **state["model"]})
+        except Exception as e:
+            raise SonocadError(f"{path}: checkpoint does not fit this model ({e.__class__.__name__})") from None
+        self.phase, self.epoch = state["phase"], int(state["epoch"])
+        self.stopper.state = {**initial, **state["best_state"]} if state["best_state"] else None
+        self.stopper.best, self.stopper.bad_epochs = float(state["best"]), int(state["bad_epochs"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        self.log = json.loads(state["log"])
+        self.seconds = json.loads(state["seconds"])
+        self._pending = {"optimizer": state["optimizer"], "scheduler": state["scheduler"], "ema": state.get("ema")}
+
+    def _resume_into(self, opt, sched) -> None:
+        if self._pending and self._pending["optimizer"]:
+            opt.load_state_dict(self._pending["optimizer"])
+            sched.load_state_dict(self._pending["scheduler"])
+            if self.ema is not None and self._pending["ema"] is not None:
+                self.ema.load_state_dict(self._pending["ema"])
+        self._pending = None
+
+    # -- the phases -------------------------------------------------------------------------------
+    def run(self) -> Classifier:
+        """Train (or finish training) and return the model holding the best validation-loss weights."""
+        if self.phase == "head":
+            self._timed("head", self.phase_head)
+            self.phase, self.epoch = "finetune", 0
+        if self.phase == "finetune":
+            self._timed("finetune", self.phase_finetune)
+            self.phase = "done"
+            self._checkpoint()
+        if self.stopper.state is not None:   # else no epoch ran: the initial model is the result
+            self.model.load_state_dict(self.stopper.state)
+        save_model(self.model, self.out / "model.safetensors")
+        return self.model.eval()
+
+    def _timed(self, phase: str, fn) -> None:
+        t0 = time.perf_counter()
+        fn()
+        self.seconds[phase] += time.perf_counter() - t0
+
+    def _batches(self, n: int):
+        order = torch.randperm(n, generator=self.gen).numpy()
+        bs = self.cfg.batch_size
+        # drop a trailing batch of 1: BatchNorm cannot train on it
+        return [order[i:i + bs] for i in range(0, n, bs) if len(order[i:i + bs]) > 1 or n == 1]
+
+    def _cached_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features computed once: the training images as they are plus `feature_views`
+        augmented views of each (when augmentation is on), so the head learns on the same kind of inputs
+        that phase 2 shows it; and the validation images. Kept on disk for --resume."""
+        path = self.ckpt_dir / "features.pt"
+        if self.epoch > 0 and path.is_file():
+            f = torch.load(path, map_location="cpu", weights_only=True)
+            return f["train"], f["val"]
+        images = self.train.images
+        backbone = fold_batchnorm(self.model.backbone)     # frozen in phase 1: fold it for speed
+        views = [torch.from_numpy(run_batches(backbone, images, self.pipeline))]
+        for _ in range(self.cfg.feature_views if self.cfg.augment else 0):
+            feats = []
+            for i in range(0, len(images), 64):
+                x = self.pipeline(images[i:i + 64], self.gen)
+                with torch.no_grad(), self.precision.autocast():
+                    feats.append(backbone(x).float().cpu())
+            views.append(torch.cat(feats))
+        f_train = torch.cat(views)
+        f_val = torch.from_numpy(run_batches(backbone, self.val.images, self.pipeline))
+        with atomic_path(path) as tmp:
+            torch.save({"train": f_train, "val": f_val}, tmp)
+        return f_train, f_val
+
+    def phase_head(self) -> None:
+        """Phase 1: the head on a frozen backbone; backbone features computed once when cached."""
+        cfg, model = self.cfg, self.model
+        set_trainable(model, 0)
+        if cfg.head_epochs == 0:
+            return
+        model.eval()
+        y = torch.from_numpy(self.train.y)
+        if cfg.cache_features:
+            f_train, f_val = self._cached_features()
+            y = y.repeat(len(f_train) // len(y))
+        head = model.head
+        opt = make_optimizer(head.parameters(), cfg, cfg.head_lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.head_epochs)
+        self._resume_into(opt, sched)
+        bar = tqdm(range(self.epoch, cfg.head_epochs), desc="phase 1 (head)", disable=not self.progress,
+                   unit="epoch")
+        for _ in bar:
+            if self.stopper.should_stop:
+                break
+            t0 = time.perf_counter()
+            head.train()
+            losses = []
+            for idx in self._batches(len(y)):
+                if cfg.cache_features:
+                    logits = head(f_train[idx].to(self.precision.device))
+                else:
+                    x = self.pipeline(self.train.images[idx], self.gen if cfg.augment else None)
+                    with self.precision.autocast():
+                        logits = model(x)
+                losses.append(self._step(opt, logits, y[idx]))
+            lr = opt.param_groups[0]["lr"]
+            sched.step()
+            head.eval()
+            if cfg.cache_features:
+                with torch.no_grad():
+                    val_logits = head(f_val.to(self.precision.device)).float().cpu().numpy()
+            else:
+                val_logits = run_batches(model, self.val.images, self.pipeline)
+            self._end_epoch(losses, val_logits, lr, t0, bar, opt, sched)
+
+    def phase_finetune(self) -> None:
+        """Phase 2: the top `unfreeze` blocks and the head, with augmentation, at a lower learning rate. With
+        cfg.ema_epochs the weights' moving average is validated each epoch and kept at the end."""
+        cfg, model = self.cfg, self.model
+        if cfg.unfreeze == "0" or cfg.finetune_epochs == 0:
+            return
+        if self.epoch == 0:           # a fresh phase 2 starts from phase 1's best weights
+            if self.stopper.state is not None:
+                model.load_state_dict(self.stopper.state)
+            # phase 2 keeps its own best epoch: comparing with phase 1's best on a small, noisy
+            # validation set would stop fine-tuning before its warm-up is over
+            self.stopper.bad_epochs, self.stopper.best = 0, math.inf
+        counts = set_trainable(model, cfg.unfreeze)
+        opt = make_optimizer(model.parameters(), cfg, cfg.finetune_lr)
+        per_epoch = _n_batches(len(self.train.y), cfg.batch_size)
+        total = max(1, cfg.finetune_epochs * per_epoch)
+        warmup = min(per_epoch, total // 10)
+        sched = warmup_cosine(opt, warmup, total)
+        self.ema = weight_average(model, cfg, per_epoch)
+        self._resume_into(opt, sched)
+        scored = self.ema.module if self.ema is not None else model
+        y = torch.from_numpy(self.train.y)
+        bar = tqdm(range(self.epoch, cfg.finetune_epochs), desc=f"phase 2 (top {cfg.unfreeze} blocks, "
+                   f"{counts['trainable']:,} params)", disable=not self.progress, unit="epoch")
+        for _ in bar:
+            if self.stopper.should_stop and self.ema is None:
+                break
+            t0 = time.perf_counter()
+            model.train()
+            freeze_batchnorm(model)
+            losses = []
+            for idx in tqdm(self._batches(len(y)), leave=False, disable=not self.progress, unit="batch"):
+                x = self.pipeline(self.train.images[idx], self.gen if cfg.augment else None)
+                with self.precision.autocast():
+                    logits = model(x)
+                losses.append(self._step(opt, logits, y[idx], sched))
+                if self.ema is not None:
+                    self.ema.update_parameters(model)
+            model.eval()
+            val_logits = run_batches(scored.eval(), self.val.images, self.pipeline)
+            self._end_epoch(losses, val_logits, opt.param_groups[0]["lr"], t0, bar, opt, sched, scored)
+
+    def _step(self, opt, logits, y, sched=None) -> float:
+        """One optimisation step on a batch's logits; returns its loss."""
+        loss = self.loss_fn(logits, y.to(logits.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:   # phase 2 schedules per batch, phase 1 per epoch
+            sched.step()
+        return loss.item()
+
+    def _end_epoch(self, losses, val_logits, lr, t0, bar, opt, sched, scored: nn.Module | None = None) -> None:
+        scores = _val_scores(val_logits, self.val.y, self.loss_fn, self.n_classes)
+        # with weight averaging phase 2 runs its full schedule and keeps the final average: picking an
+        # epoch by the loss on a small validation set favours the early, barely fine-tuned ones
+        improved = self.stopper.update(scores["val_loss"], scored if scored is not None else self.model,
+                                       keep_last=self.ema is not None)
+        self.epoch += 1
+        row = {"phase": self.phase, "epoch": self.epoch, "loss": float(np.mean(losses)), **scores, "lr": lr,
+               "seconds": round(time.perf_counter() - t0, 3), "best": int(improved)}
+        self.log.append(row)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerows(self.log)
+        atomic_write_text(self.out / "log.csv", buf.getvalue())
+        self._checkpoint(opt, sched)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", val_loss=f"{scores['val_loss']:.3f}",
+                        val_auc=f"{scores['val_auc']:.3f}")
+
+
+def weight_average(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> AveragedModel | None:
+    """Phase 2's exponential moving average of `model`'s weights over cfg.ema_epochs epochs (None when 0):
+    call `.update_parameters(model)` after every step; `.module` is the averaged model."""
+    if cfg.ema_epochs <= 0:
+        return None
+    # single epochs' weights swing with the last few batches; their moving average is steadier
+    decay = 1.0 - 1.0 / max(1.0, cfg.ema_epochs * steps_per_epoch)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+
+def warmup_cosine(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step schedule: linear warm-up over `warmup` steps (factor (k+1)/(warmup+1) at step k), then cosine
+    annealing to 0 at step `total`."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    cosine = CosineAnnealingLR(opt, T_max=max(1, total - warmup))
+    if warmup == 0:
+        return cosine
+    ramp = LinearLR(opt, start_factor=1 / (warmup + 1), end_factor=warmup / (warmup + 1),
+                    total_iters=max(1, warmup - 1))
+    return SequentialLR(opt, [ramp, cosine], milestones=[warmup])
+
+
+def build_model(cfg: TrainConfig, n_classes: int, precision: Precision) -> Classifier:
+    """The configured backbone + head on the precision's device and memory layout."""
+    n_out = 1 if n_classes == 2 else n_classes
+    model = create_model(cfg.model, n_out, cfg.pretrained, cfg.weights, cfg.hidden, cfg.dropout)
+    model = model.to(precision.device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def check_disk_space(out: Path, n_parameters: int) -> None:
+    """Refuse to start when the output folder's disk cannot hold the run's files (model, checkpoints)."""
+    need = 6 * 4 * n_parameters + 50 * 2**20
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise OptionError("out", f"{out}: only {free / 2**20:.0f} MiB free on its disk, a run needs about "
+                          f"{need / 2**20:.0f} MiB")
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
