@@ -44,9 +44,9 @@ def run(name: str, overrides: dict, out: Path, seed: int) -> dict:
     cfg = TrainConfig.from_recipe("default", classes=["benign", "malignant"], seed=seed, **overrides)
     run_dir = out / name
     t0 = time.perf_counter()
-    m_in = fit(BUSI, run_dir, cfg, progress=False)
+    m_in = fit(BUSI, run_dir, cfg, progress=False, overwrite=True)
     t_train = time.perf_counter() - t0
-    m_ext = evaluate_run(run_dir, BUSBRA, run_dir / "on-busbra")
+    m_ext = evaluate_run(run_dir, BUSBRA, out / f"{name}-on-busbra")
     row = {"experiment": name, "overrides": overrides, "seed": seed, "train_seconds": round(t_train, 1)}
     for where, m in (("busi_test", m_in), ("busbra", m_ext)):
         row[where] = {k: m[k] for k in ("n", "auc", "auc_ci", "sensitivity", "specificity", "balanced_accuracy")}

@@ -36,7 +36,8 @@ from sonocad.allocator import tune_allocator  # noqa: E402
 from sonocad.infer import InputPipeline, cpu_has_fast_bf16, resolve_precision, run_batches  # noqa: E402
 from sonocad.models import fold_batchnorm, freeze_batchnorm, input_config, set_trainable  # noqa: E402
 from sonocad.prepare import Split  # noqa: E402
-from sonocad.trainer import Trainer, build_model, make_loss, make_optimizer, weight_average  # noqa: E402
+from sonocad.optim import make_loss, make_optimizer, weight_average  # noqa: E402
+from sonocad.trainer import Trainer, build_model  # noqa: E402
 
 BUSI = ROOT.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
 CLASSES = ["benign", "malignant"]

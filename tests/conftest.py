@@ -15,6 +15,17 @@ BUSI = SHARED / "busi" / "Dataset_BUSI_with_GT"
 BUSBRA = SHARED / "busbra" / "BUSBRA"
 
 
+def one_line_error(capsys, argv) -> str:
+    """Run the CLI with `argv`: it must fail with exit code 2 and one line on stderr, which is returned."""
+    from sonocad.cli import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"real data not found at {path} (../shared is absent)")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import one_line_error as _err
 from sonocad.cli import main
 
 
@@ -17,13 +18,6 @@ def _dataset(root, n=4, size=48):
                 root / cls / f"{cls} ({i}).png")
     return root
 
-
-def _err(capsys, argv):
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 @pytest.mark.parametrize("setup,extra,match", [

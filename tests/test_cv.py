@@ -92,6 +92,10 @@ def test_cv_keeps_planted_copies_in_one_fold(planted, tmp_path, capsys):
     assert main(["cv", str(root), "--folds", "3", "--out", str(out), "--img-size", "48", "--head-epochs", "2",
                  "--finetune-epochs", "1", "--batch-size", "8", "--external", str(ext), "--quiet"]) == 0
     assert (out / "fold-2" / "predictions.csv").read_text() == fold2
+    # finished folds are never mixed with folds of other settings
+    assert main(["cv", str(root), "--folds", "3", "--out", str(out), "--img-size", "48", "--head-epochs", "3",
+                 "--finetune-epochs", "1", "--batch-size", "8", "--external", str(ext), "--quiet"]) == 2
+    assert "trained with other settings (head_epochs)" in capsys.readouterr().err
     # the cv folder is an ensemble for evaluate and predict: same AUC as the cv's external figure
     assert main(["evaluate", str(out), str(ext), "--out", str(tmp_path / "ens")]) == 0
     ens = json.loads((tmp_path / "ens" / "metrics.json").read_text())
@@ -125,6 +129,7 @@ def test_compare_two_runs(tiny_run, phantoms, tmp_path, capsys):
     # the same weights with the classes the other way round: a different task, refused
     flipped = tmp_path / "flipped"
     shutil.copytree(other, flipped)
+    (flipped / "run.json").unlink()          # else refused earlier: its config.json changed after it finished
     cfg = json.loads((flipped / "config.json").read_text())
     cfg["classes"], cfg["positive"] = ["malignant", "benign"], "benign"
     (flipped / "config.json").write_text(json.dumps(cfg))

@@ -9,7 +9,7 @@ from PIL import Image
 from sonocad import models
 from sonocad.errors import SonocadError
 from sonocad.models import create_model, set_trainable
-from sonocad.trainer import make_loss
+from sonocad.optim import make_loss
 
 
 def test_binary_head_one_logit_sigmoid_is_not_constant():

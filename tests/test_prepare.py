@@ -81,7 +81,7 @@ def test_input_config_builds_no_model():
 @pytest.mark.parametrize("per_epoch,epochs", [(10, 12), (3, 1), (1, 3), (17, 12), (9, 1)])
 def test_warmup_cosine_schedule(per_epoch, epochs):
     """Linear warm-up, factor (k+1)/(w+1) at step k, then cosine to 0 at the last step."""
-    from sonocad.trainer import warmup_cosine
+    from sonocad.optim import warmup_cosine
 
     total = epochs * per_epoch
     warmup = min(per_epoch, total // 10)

@@ -88,6 +88,8 @@ def test_damaged_checkpoint_is_a_clear_error(tiny_run, phantoms, tmp_path, capsy
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
+    for name in ("run.json", "metrics.json"):      # an interrupted run, not a finished one
+        (run / name).unlink()
     (run / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 truncated")
     assert main(["train", str(phantoms), "--resume", str(run)]) == 2
     err = capsys.readouterr().err

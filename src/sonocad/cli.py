@@ -11,10 +11,11 @@ import json
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 
 from .config import PRECISIONS
-from .errors import OptionError, SonocadError
+from .errors import OptionError, SonocadError, SonocadWarning
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,8 +52,19 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run directory to write")
     p.add_argument("--resume", metavar="RUN", help="continue the interrupted run RUN from its last checkpoint")
     p.add_argument("--test", dest="test_data", help="evaluate on this dataset instead of a held-out part")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out: the new run is "
+                   "built beside it and swapped in when finished")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_options(p)
+
+
+_TRAINING: list[Path] = []     # the run being trained, for the message on Ctrl-C
+
+
+def _config_fields() -> set[str]:
+    from .config import TrainConfig
+
+    return {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def _config(a):
@@ -62,29 +74,38 @@ def _config(a):
     return TrainConfig.from_recipe(values.pop("recipe") or "default", **values)
 
 
+def _f(v) -> str:
+    """A figure for the terminal: 3 decimals, or n/a where the data do not define it."""
+    return "n/a" if v is None or v != v else f"{v:.3f}"
+
+
 def _print_metrics(m: dict, where: str) -> None:
     if "auc_ci" in m:
         lo, hi = m["auc_ci"]
-        print(f"{where}: n={m['n']} {m['n_per_class']}  AUC {m['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f})  "
-              f"sensitivity {m['sensitivity']:.3f}  specificity {m['specificity']:.3f}  "
-              f"balanced accuracy {m['balanced_accuracy']:.3f}  (threshold {m['threshold']:.2f})")
+        print(f"{where}: n={m['n']} {m['n_per_class']}  AUC {_f(m['auc'])} (95% CI {_f(lo)}-{_f(hi)})  "
+              f"sensitivity {_f(m['sensitivity'])}  specificity {_f(m['specificity'])}  "
+              f"balanced accuracy {_f(m['balanced_accuracy'])}  (threshold {m['threshold']:.2f})")
     else:
-        print(f"{where}: n={m['n']}  macro AUC {m['auc']:.3f}  accuracy {m['accuracy']:.3f}  "
-              f"balanced accuracy {m['balanced_accuracy']:.3f}")
+        print(f"{where}: n={m['n']}  macro AUC {_f(m['auc'])}  accuracy {_f(m['accuracy'])}  "
+              f"balanced accuracy {_f(m['balanced_accuracy'])}")
 
 
 def cmd_train(a) -> None:
     from .train import fit
 
+    given = {}
     if a.resume:
         if a.out and Path(a.out) != Path(a.resume):
             raise SonocadError("--resume RUN continues RUN in place; leave out --out or give the same folder")
         a.out, cfg = a.resume, None
+        given = {k: v for k, v in vars(a).items() if k in _config_fields() and v is not None}
     elif not a.out:
         raise SonocadError("train: the following arguments are required: --out")
     else:
         cfg = _config(a)
-    m = fit(a.data, a.out, cfg, test_data=a.test_data, progress=not a.quiet, resume=bool(a.resume))
+    _TRAINING.append(Path(a.out))
+    m = fit(a.data, a.out, cfg, test_data=a.test_data, progress=not a.quiet, resume=bool(a.resume),
+            overwrite=a.overwrite, **given)
     _warn_bad(m["data"].get("skipped_bad_images", []))
     _print_metrics(m, "test")
     t = m["timing_seconds"]
@@ -122,16 +143,24 @@ def cmd_evaluate(a) -> None:
 def cmd_predict(a) -> None:
     from .evaluate import predict_paths
 
+    if a.csv:
+        from .io import ensure_writable_dir
+        from .rundir import refuse_writing_into_runs
+
+        if Path(a.csv).is_dir():
+            raise OptionError("csv", f"{a.csv} is a folder; give a file name")
+        refuse_writing_into_runs(a.csv, [a.run], "csv")
+        ensure_writable_dir(Path(a.csv).parent, "csv")
     rows = predict_paths(a.run, a.inputs, skip_bad=a.skip_bad, precision=a.precision)
     errors = [r for r in rows if "error" in r]
     rows = [r for r in rows if "error" not in r]
     _warn_bad([r["error"] for r in errors])
     fields = list(rows[0]) if rows else ["path", "predicted"]
     if a.csv:
-        from .io import ensure_writable_dir, atomic_write_text
         import io
 
-        ensure_writable_dir(Path(a.csv).parent or Path("."), "--csv")
+        from .io import atomic_write_text
+
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=fields)
         w.writeheader()
@@ -292,7 +321,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, *args, **kwargs) -> None:
+    if issubclass(category, SonocadWarning):
+        print(f"sonocad: warning: {message}", file=sys.stderr)
+    else:
+        _python_showwarning(message, category, *args, **kwargs)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):      # file names that are not UTF-8 print (escaped) instead of failing
+            stream.reconfigure(errors="backslashreplace")
+    saved, warnings.showwarning = warnings.showwarning, _show_warning
+    _TRAINING.clear()
+    try:
+        return _run(argv)
+    finally:
+        warnings.showwarning = saved
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         from .allocator import tune_allocator
@@ -306,8 +357,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sonocad: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sonocad: interrupted; a training run keeps its last complete epoch's checkpoint "
-              "(continue with: sonocad train DATA --resume RUN)", file=sys.stderr)
+        run = next((r for r in _TRAINING if (r / "checkpoints" / "last.pt").is_file()
+                    and not (r / "run.json").is_file()), None)
+        if run is not None:
+            print(f"sonocad: interrupted; {run} keeps its last complete epoch's checkpoint "
+                  f"(continue with: sonocad train DATA --resume {run})", file=sys.stderr)
+        else:
+            print("sonocad: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,12 @@ from .errors import OptionError, SonocadError
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MAX_IMG_SIZE = 1024     # decoded images and activations grow with its square: 1024 px is far past any gain
+MAX_SEED = 2**32 - 1    # numpy's seeds are 32-bit
+# whole-number options: (name, lowest, highest); the highest values are far past any use, and keep a typo
+# from allocating until the machine runs out of memory
+LIMITS = (("batch_size", 1, 4096), ("hidden", 1, 16384), ("head_epochs", 0, 10000), ("finetune_epochs", 0, 10000),
+          ("offline_augment", 0, 64), ("patience", 0, 10000), ("threads", 0, 1024), ("feature_views", 0, 64))
 
 
 def option(default: Any = None, help: str = "", *, choices: tuple | None = None, metavar: str | None = None,
@@ -101,19 +109,20 @@ class TrainConfig:
         if self.unfreeze != "all" and not (str(self.unfreeze).isdigit()):
             bad("unfreeze", f"must be a number of blocks or 'all', not {self.unfreeze!r}")
         self.unfreeze = str(self.unfreeze)
-        if self.img_size is not None and self.img_size < 32:
-            bad("img_size", f"must be at least 32 px, not {self.img_size}")
+        if self.img_size is not None and not 32 <= self.img_size <= MAX_IMG_SIZE:
+            bad("img_size", f"must be between 32 and {MAX_IMG_SIZE} px, not {self.img_size}")
+        if not 0 <= self.seed <= MAX_SEED:
+            bad("seed", f"must be between 0 and {MAX_SEED}, not {self.seed}")
         if not 0.0 <= self.dropout < 1.0:
             bad("dropout", f"must be in [0, 1), not {self.dropout}")
         for name in ("val_size", "test_size"):
             if not 0.0 < getattr(self, name) < 0.5:
                 bad(name, f"must be between 0 and 0.5, not {getattr(self, name)}")
-        for name in ("batch_size", "hidden"):
-            if getattr(self, name) < 1:
-                bad(name, f"must be at least 1, not {getattr(self, name)}")
-        for name in ("head_epochs", "finetune_epochs", "offline_augment", "patience", "threads", "feature_views"):
-            if getattr(self, name) < 0:
-                bad(name, f"must not be negative, not {getattr(self, name)}")
+        for name, low, high in LIMITS:
+            if not low <= getattr(self, name) <= high:
+                bad(name, f"must be between {low} and {high}, not {getattr(self, name)}")
+        if len(self.tta_zooms) > 8:
+            bad("tta_zooms", f"at most 8 zooms (each costs two more views), not {len(self.tta_zooms)}")
         if not 0.0 <= self.ema_epochs <= 1000:
             bad("ema_epochs", f"must be between 0 (off) and 1000, not {self.ema_epochs}")
         for name in ("head_lr", "finetune_lr"):
@@ -146,8 +155,32 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """A config from saved values (unknown keys ignored), each checked against its field's type."""
+        hints = typing.get_type_hints(cls)
+        values = {k: v for k, v in d.items() if k in hints}
+        for k, v in values.items():
+            if not _has_type(v, hints[k]):
+                raise OptionError(k, f"{v!r} is not of type {_type_name(hints[k])}")
+        return cls(**values)
+
+
+def _has_type(v, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(v, a) for a in args)
+    if origin is list:
+        return isinstance(v, list) and all(_has_type(x, args[0]) for x in v)
+    if hint is type(None):
+        return v is None
+    if hint is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if hint is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, hint)
+
+
+def _type_name(hint) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 # what runs saved before an option existed did, where that differs from the option's default now
@@ -194,11 +227,41 @@ class RunInfo:
 
     @classmethod
     def load(cls, path: Path) -> "RunInfo":
+        """A run's config.json, every field checked: a damaged or hand-edited file gives one line naming
+        the field, never a run with impossible settings."""
         try:
             d = json.loads(Path(path).read_text())
-            d["config"] = TrainConfig.from_dict({**BEFORE_OPTION, **d["config"]})
-            return cls(**d)
+            d["config"] = TrainConfig.from_dict({**BEFORE_OPTION, **d["config"]}).validate()
+            info = cls(**d)
         except FileNotFoundError:
             raise SonocadError(f"{path}: no config.json; is this a sonocad run directory?") from None
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except OptionError as e:
+            raise SonocadError(f"{path}: {e}") from None
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise SonocadError(f"{path}: not a valid sonocad config ({e.__class__.__name__})") from None
+        problem = info._problem()
+        if problem:
+            raise SonocadError(f"{path}: {problem}")
+        return info
+
+    def _problem(self) -> str | None:
+        def numbers(v, n=None):
+            return isinstance(v, list) and (n is None or len(v) == n) and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+
+        if not (isinstance(self.classes, list) and len(self.classes) >= 2
+                and all(isinstance(c, str) for c in self.classes) and len(set(self.classes)) == len(self.classes)):
+            return f"classes: need two or more distinct names, not {self.classes!r}"
+        if self.positive is not None and self.positive not in self.classes:
+            return f"positive: {self.positive!r} is not one of the classes"
+        if not (isinstance(self.img_size, int) and 32 <= self.img_size <= MAX_IMG_SIZE):
+            return f"img_size: must be a whole number between 32 and {MAX_IMG_SIZE}, not {self.img_size!r}"
+        if not (numbers(self.mean, 3) and numbers(self.std, 3) and all(s > 0 for s in self.std)):
+            return f"mean, std: need three numbers each (std positive), not {self.mean!r}, {self.std!r}"
+        if not (isinstance(self.thresholds, dict) and all(
+                t is None or (isinstance(t, (int, float)) and not isinstance(t, bool)) for t in self.thresholds.values())):
+            return f"thresholds: need numbers, not {self.thresholds!r}"      # None / NaN: no such point
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            return f"temperature: must be a positive number, not {self.temperature!r}"
+        return None

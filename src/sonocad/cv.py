@@ -9,10 +9,12 @@ optionally every fold model (and their ensemble) on an external site.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from . import rundir
 from .config import RunInfo, TrainConfig
 from .data import discover
 from .data.split import group_ids
@@ -24,6 +26,7 @@ from .models import parameter_count
 from .predictor import predict_images
 from .prepare import Prepared, data_summary, decode_split, decode_task, find_task, split_train_val
 from .report import html_table
+from .rundir import RunLock
 from .results import read_predictions, score_predictions, write_evaluation
 from .train import run_info, train_and_evaluate
 from .trainer import build_model, check_disk_space, seed_everything
@@ -64,7 +67,17 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
         raise OptionError("folds", f"must be at least 2, not {folds}")
     if repeats < 1:
         raise OptionError("repeats", f"must be at least 1, not {repeats}")
-    out = ensure_writable_dir(out)
+    out = Path(out)
+    with RunLock(out):
+        st = rundir.state(out)
+        if st == "other" or (st == "finished" and rundir.kind(out) != "cv") or (out / "config.json").is_file():
+            raise OptionError("out", f"{out} holds something other than a cross-validation; choose a new folder")
+        metrics = _cross_validate(data, ensure_writable_dir(out), cfg, folds, repeats, external, progress)
+        rundir.finish(out, ["metrics.json", "oof_predictions.csv", "report.html"], kind="cv")
+    return metrics
+
+
+def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int, external, progress: bool) -> dict:
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
     task = find_task(data, cfg)
@@ -97,9 +110,11 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
             rest = np.flatnonzero(fold_of[r] != k)
             test = full.take(held)
             ext_csv = fold_dir / "external" / "predictions.csv"
+            fold_cfg = TrainConfig.from_dict({**cfg.to_dict(), "seed": seed + k})
             done = (fold_dir / "metrics.json").is_file() and (not ext or ext_csv.is_file())
-            if not done:
-                fold_cfg = TrainConfig.from_dict({**cfg.to_dict(), "seed": seed + k})
+            if done:
+                _check_reused_fold(fold_dir, fold_cfg)
+            else:
                 train, val = split_train_val(full.take(rest), fold_cfg)
                 summary = data_summary(data, f"fold {k + 1} of {folds}", prepared, train, val, test,
                                        bad[len(prepared.bad):], fold_cfg.offline_augment)
@@ -179,6 +194,16 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
                      title=f"sonocad {folds}-fold cross-validation", extra_columns=extra_cols,
                      extra_sections=[s for s in sections if s], predictions_name="oof_predictions.csv")
     return metrics
+
+
+def _check_reused_fold(fold_dir: Path, fold_cfg: TrainConfig) -> None:
+    """A finished fold is reused only when it is whole and was trained with this cross-validation's settings."""
+    rundir.check_finished(fold_dir)
+    stored = RunInfo.load(fold_dir / "config.json").config
+    differ = [k for k, v in fold_cfg.to_dict().items() if getattr(stored, k) != v]
+    if differ:
+        raise SonocadError(f"{fold_dir}: finished fold was trained with other settings ({', '.join(differ)}); "
+                           "use a new --out folder")
 
 
 def fold_operating_points(y: np.ndarray, prob: np.ndarray, thresholds: list[dict]) -> dict:

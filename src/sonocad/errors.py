@@ -1,8 +1,16 @@
 """The one exception type for user errors; the CLI turns it into one line and exit code 2."""
 
 
+def one_line(text) -> str:
+    """`text` with line breaks shown as \\n, so that an error is always one line whatever the user typed."""
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")
+
+
 class SonocadError(Exception):
     """A problem with the user's input (path, image, option, CSV, model file), not a bug."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(one_line(message))
 
 
 class OptionError(SonocadError):
@@ -15,8 +23,12 @@ class OptionError(SonocadError):
 
     def __init__(self, option: str, message: str):
         super().__init__(f"{option}: {message}")
-        self.option, self.message = option, message
+        self.option, self.message = option, one_line(message)
 
     @property
     def flag(self) -> str:
         return "--" + self.option.replace("_", "-")
+
+
+class SonocadWarning(UserWarning):
+    """Something the user should know that does not stop the command (the CLI prints it as one line)."""

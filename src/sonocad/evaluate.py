@@ -7,14 +7,16 @@
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .data import discover
 from .data.discover import image_files
-from .errors import SonocadError
+from .errors import SonocadError, SonocadWarning
 from .io import ensure_writable_dir
+from .rundir import RunLock, finish, prepare_output, refuse_writing_into_runs, swap_in
 from .metrics import delong_test
 from .predictor import Predictor
 from .results import score_predictions, write_evaluation
@@ -28,11 +30,26 @@ def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
                  precision: str = "auto", shortcut: bool = False) -> dict:
     """Evaluate a trained run on another dataset, using the run's classes and ignoring other classes.
     `shortcut=True` adds the shortcut check (overlays removed, lesion masked out) on images with masks."""
-    out = ensure_writable_dir(out)
+    out = Path(out)
+    refuse_writing_into_runs(out, [run], "out")
+    with RunLock(out):
+        work = ensure_writable_dir(prepare_output(out, allowed_kind="evaluate"))
+        metrics = _evaluate(run, data, work, skip_bad, precision, shortcut)
+        finish(work, ["metrics.json", "predictions.csv", "report.html"], kind="evaluate")
+        if work != out:
+            swap_in(work, out)
+    return metrics
+
+
+def _evaluate(run, data, out: Path, skip_bad: bool, precision: str, shortcut: bool) -> dict:
     predictor = Predictor.load(run, precision)
     info = predictor.info
     samples = discover(data, info.classes, allow_missing_classes=True)
     images, samples, y, bad = predictor.decode_samples(samples, skip_bad)
+    missing = [c for i, c in enumerate(info.classes) if not (y == i).any()]
+    if missing:
+        warnings.warn(SonocadWarning(f"{data}: no images of {', '.join(missing)}: AUC and the figures that need "
+                                     "every class are undefined (n/a); sensitivity or specificity alone remain"))
     probs = predictor.predict_proba(images)
     metrics = score_predictions(y, probs, info)
     metrics["data"] = {"source": _source(data), "run": str(run), "skipped_bad_images": bad}

@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import SonocadError
+from .errors import OptionError
 
 
 @contextlib.contextmanager
@@ -15,6 +15,7 @@ def atomic_path(path: str | os.PathLike):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())     # mkstemp makes 0600: give the file the permissions of any new file
     os.close(fd)
     try:
         yield Path(tmp)
@@ -32,16 +33,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    # file names that are not valid UTF-8 (Python holds their bytes as surrogates) are written back as bytes
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
-def ensure_writable_dir(path: str | os.PathLike, option: str = "--out") -> Path:
-    """Create `path` if needed and prove it is writable; raise a one-line SonocadError otherwise."""
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ensure_writable_dir(path: str | os.PathLike, option: str = "out") -> Path:
+    """Create `path` if needed and prove it is writable; raise a one-line OptionError otherwise."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test."):
             pass
     except OSError as e:
-        raise SonocadError(f"{option} {path}: cannot write there ({e.strerror or e})") from None
+        raise OptionError(option, f"{path}: cannot write there ({e.strerror or e})") from None
     return path

@@ -24,6 +24,7 @@ from .data import load_many
 from .errors import SonocadError
 from .infer import InputPipeline, resolve_precision, run_batches
 from .models import Classifier, create_model, fold_batchnorm, read_state_dict
+from .rundir import check_finished
 
 # what the fold models of an ensemble must share
 PREPROCESSING = ("model", "resize", "clean_overlays", "tta", "tta_zooms")
@@ -35,6 +36,7 @@ def load_run(run: str | Path, precision: str = "auto") -> tuple[RunInfo, Classif
     run = Path(run)
     if not run.is_dir():
         raise SonocadError(f"{run}: run directory not found")
+    check_finished(run)
     info = RunInfo.load(run / "config.json")
     cfg = info.config
     n_out = 1 if info.binary else len(info.classes)

@@ -226,3 +226,44 @@ def offline_augment(split: Split, copies: int, seed: int) -> Split:
     base = torch.from_numpy(split.images).unsqueeze(1).float() / 255
     extra = [(augment_batch(base, gen) * 255).round().to(torch.uint8).squeeze(1).numpy() for _ in range(copies)]
     return Split(np.concatenate([split.images, *extra]), np.tile(split.y, copies + 1), split.samples * (copies + 1))
+
+
+def data_record(samples: list, test_samples: list = ()) -> dict:
+    """What a run is trained (and tested) on, file by file: path, size, modification time, label, group,
+    site. Written when a run starts, compared when it resumes."""
+    def rows(ss):
+        out = []
+        for s in ss:
+            st = os.stat(s.path)
+            out.append([s.path, st.st_size, st.st_mtime_ns, s.label, s.group, s.site])
+        return out
+
+    return {"data": rows(samples), "test": rows(test_samples)}
+
+
+def write_data_record(path: Path, record: dict) -> None:
+    atomic_write_text(path, json.dumps(record))
+
+
+def check_same_data(path: Path, record: dict) -> None:
+    """Refuse to resume on data that differ from the record the run started with, saying how."""
+    try:
+        old = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return      # runs started before sonocad recorded their data
+    except (OSError, ValueError) as e:
+        raise SonocadError(f"{path}: damaged record of the run's data ({e.__class__.__name__})") from None
+    problems = []
+    for part in ("data", "test"):
+        before = {r[0]: r[1:] for r in old.get(part, [])}
+        now = {r[0]: r[1:] for r in record[part]}
+        added, removed = sorted(set(now) - set(before)), sorted(set(before) - set(now))
+        changed = sorted(p for p in set(now) & set(before) if now[p][:2] != before[p][:2])
+        relabelled = sorted(p for p in set(now) & set(before) if now[p][2:] != before[p][2:])
+        for what, paths in (("new", added), ("missing", removed), ("changed on disk", changed),
+                            ("with another label, group or site", relabelled)):
+            if paths:
+                problems.append(f"{part}: {len(paths)} image(s) {what} (e.g. {paths[0]})")
+    if problems:
+        raise SonocadError(f"the data differ from those the run started with: {'; '.join(problems)}; resume "
+                           "with the same data, or start a new run")

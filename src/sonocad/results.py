@@ -68,6 +68,6 @@ def write_evaluation(out: Path, metrics: dict, samples, y: np.ndarray, probs: np
 
 def read_predictions(path: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
     """(paths, probabilities (N, C)) back from a predictions CSV written by write_evaluation."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         rows = list(csv.DictReader(f))
     return [r["path"] for r in rows], np.asarray([[float(r[f"prob_{c}"]) for c in classes] for r in rows])

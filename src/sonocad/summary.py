@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import OptionError
 from .models import create_model, input_config, set_trainable
 
 
@@ -27,6 +28,8 @@ def activation_elements(model: nn.Module, img_size: int) -> int:
 def model_summary(name: str, batch_size: int = 32, img_size: int | None = None, unfreeze: str = "2",
                   num_outputs: int = 1, hidden: int = 256) -> dict:
     """Trainable/frozen parameters in phase 1 and phase 2 and an estimate of memory per phase (bytes)."""
+    if str(unfreeze) != "all" and not str(unfreeze).isdigit():
+        raise OptionError("unfreeze", f"must be a number of blocks or 'all', not {unfreeze!r}")
     size, _, _ = input_config(name, img_size)
     model = create_model(name, num_outputs, pretrained=False, hidden=hidden)
     acts = activation_elements(model, size)

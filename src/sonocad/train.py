@@ -16,13 +16,20 @@ from . import __version__
 from .config import RunInfo, TrainConfig
 from .data import discover
 from .infer import InputPipeline, Precision, resolve_precision, run_batches
+from . import rundir
+from .errors import OptionError, SonocadError
 from .io import ensure_writable_dir
 from .metrics import choose_thresholds, fit_temperature
 from .models import Classifier, count_parameters, fold_batchnorm, save_model
 from .predictor import predict_images
-from .prepare import Prepared, Split, data_summary, decode_split, decode_task, find_task, hold_out_test, split_train_val
+from .prepare import (Prepared, Split, check_same_data, data_record, data_summary, decode_split, decode_task,
+                      find_task, hold_out_test, split_train_val, write_data_record)
 from .results import score_predictions, write_evaluation
+from .rundir import RunLock, prepare_output, swap_in
 from .trainer import Trainer, build_model, check_disk_space, read_checkpoint, seed_everything
+
+# a finished run's files, committed together by run.json
+RUN_FILES = ("config.json", "model.safetensors", "log.csv", "metrics.json", "predictions.csv", "report.html")
 
 
 def train_and_evaluate(model: Classifier, info: RunInfo, train: Split, val: Split, test: Split, out: Path,
@@ -57,6 +64,7 @@ def train_and_evaluate(model: Classifier, info: RunInfo, train: Split, val: Spli
     metrics["parameters"] = count_parameters(model)
     metrics["data"] = info.data
     write_evaluation(out, metrics, test.samples, test.y, test_prob, info, trainer.log)
+    rundir.finish(out, list(RUN_FILES))
     return metrics
 
 
@@ -67,24 +75,58 @@ def run_info(cfg: TrainConfig, prepared: Prepared, summary: dict) -> RunInfo:
 
 
 def fit(data, out, cfg: TrainConfig | None = None, test_data=None, progress: bool = True,
-        resume: bool = False, **overrides) -> dict:
+        resume: bool = False, overwrite: bool = False, **overrides) -> dict:
     """Train a classifier on `data` and evaluate it on a held-out test part (or `test_data`).
 
     `data`: a class-folder dataset, a CSV manifest, or a list of them (one per site). Writes the run
     directory `out` (config.json, model.safetensors, log.csv, metrics.json, predictions.csv, plots/,
-    report.html, checkpoints/) and returns the test metrics. `resume=True` continues an interrupted
-    run in `out` with the config it was started with."""
+    report.html, checkpoints/, and run.json last, which marks it finished) and returns the test metrics.
+    `resume=True` continues an interrupted run in `out` with the data and settings it was started with.
+    An existing run is replaced only with `overwrite=True`: the new run is built beside it and swapped in
+    when finished, so the old run stays whole until then."""
     out = Path(out)
-    if resume:
-        read_checkpoint(out / "checkpoints" / "last.pt")   # fail now, not after decoding the data
-        cfg = RunInfo.load(out / "config.json").config
-    cfg = (cfg or TrainConfig.from_recipe(overrides.pop("recipe", "default"), **overrides)).validate()
-    out = ensure_writable_dir(out)
+    if resume and overwrite:
+        raise OptionError("overwrite", "replaces a run; it cannot be combined with resume")
+    with RunLock(out):
+        if resume:
+            cfg = _resume_config(out, cfg, overrides)
+            work = out
+        else:
+            cfg = (cfg or TrainConfig.from_recipe(overrides.pop("recipe", "default"), **overrides)).validate()
+            work = prepare_output(out, allowed_kind="", overwrite=overwrite)
+        metrics = _fit(data, ensure_writable_dir(work), cfg, test_data, progress, resume)
+        if work != out:
+            swap_in(work, out)
+    return metrics
+
+
+def _resume_config(out: Path, cfg: TrainConfig | None, overrides: dict) -> TrainConfig:
+    """The interrupted run's own config; settings given with resume must agree with it."""
+    if rundir.kind(out):
+        raise SonocadError(f"{out}: this run is finished; there is nothing to resume")
+    read_checkpoint(out / "checkpoints" / "last.pt")   # fail now, not after decoding the data
+    stored = RunInfo.load(out / "config.json").config
+    given = cfg.to_dict() if cfg is not None else {k: v for k, v in overrides.items() if v is not None}
+    differ = [f"{k} (--{k.replace('_', '-')}) {v!r}, the run's {getattr(stored, k)!r}"
+              for k, v in given.items() if k in stored.to_dict() and v != getattr(stored, k)]
+    if differ:
+        raise SonocadError(f"{out}: resume continues the run with the settings it was started with; these "
+                           f"differ: {'; '.join(differ)} (leave them out, or start a new run)")
+    return stored
+
+
+def _fit(data, out: Path, cfg: TrainConfig, test_data, progress: bool, resume: bool) -> dict:
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     task = find_task(data, cfg)
+    test_samples = discover(test_data, task.classes) if test_data else []
+    record = data_record(task.samples, test_samples)
+    if resume:
+        check_same_data(out / "checkpoints" / "data.json", record)
+    else:
+        write_data_record(out / "checkpoints" / "data.json", record)
     precision = resolve_precision(cfg.precision)
     # the model (and its weights) before decoding: missing weights fail in seconds, not minutes
     model = build_model(cfg, len(task.classes), precision)
@@ -92,7 +134,7 @@ def fit(data, out, cfg: TrainConfig | None = None, test_data=None, progress: boo
     prepared = decode_task(task, cfg, progress)
     bad_test: list[str] = []
     if test_data:
-        test, bad_test = decode_split(discover(test_data, task.classes), task.classes, cfg, task.img_size, "test")
+        test, bad_test = decode_split(test_samples, task.classes, cfg, task.img_size, "test")
         rest = prepared.full
     else:
         rest, test = hold_out_test(prepared.full, cfg)

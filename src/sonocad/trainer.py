@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
@@ -28,38 +28,8 @@ from .infer import InputPipeline, Precision, run_batches
 from .io import atomic_path, atomic_write_text
 from .metrics import binary_metrics, multiclass_metrics
 from .models import Classifier, create_model, fold_batchnorm, freeze_batchnorm, save_model, set_trainable
+from .optim import make_loss, make_optimizer, warmup_cosine, weight_average
 from .prepare import Split, offline_augment
-
-
-def make_loss(y: np.ndarray, n_classes: int, balance: str) -> nn.Module:
-    """Class-weighted BCE (binary, one logit) or cross-entropy; unweighted unless balance='weighted'.
-    Logits are taken in fp32 whatever precision produced them (bf16 logits and fp32 class weights do not mix)."""
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    if n_classes == 2:
-        pos_weight = torch.tensor(counts[0] / max(counts[1], 1)) if balance == "weighted" else None
-        return _Fp32Loss(nn.BCEWithLogitsLoss(pos_weight=pos_weight), binary=True)
-    weight = torch.tensor(len(y) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
-    return _Fp32Loss(nn.CrossEntropyLoss(weight=weight if balance == "weighted" else None), binary=False)
-
-
-class _Fp32Loss(nn.Module):
-    def __init__(self, loss: nn.Module, binary: bool):
-        super().__init__()
-        self.loss, self.binary = loss, binary
-
-    def forward(self, logits, y):
-        if self.binary:
-            return self.loss(logits[:, 0].float(), y.float())
-        return self.loss(logits.float(), y.long())
-
-
-def make_optimizer(params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if cfg.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
 def _val_scores(logits: np.ndarray, y: np.ndarray, loss_fn, n_classes: int) -> dict:
@@ -113,6 +83,8 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def _n_batches(n: int, batch_size: int) -> int:
+    if batch_size == 1:
+        return n
     full, rest = divmod(n, batch_size)
     return full + (1 if rest > 1 or n == 1 else 0)
 
@@ -207,8 +179,8 @@ class Trainer:
     def _batches(self, n: int):
         order = torch.randperm(n, generator=self.gen).numpy()
         bs = self.cfg.batch_size
-        # drop a trailing batch of 1: BatchNorm cannot train on it
-        return [order[i:i + bs] for i in range(0, n, bs) if len(order[i:i + bs]) > 1 or n == 1]
+        # a trailing batch of one image would make a noisy last step: dropped, unless every batch is one image
+        return [order[i:i + bs] for i in range(0, n, bs) if len(order[i:i + bs]) > 1 or n == 1 or bs == 1]
 
     def _cached_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features computed once: the training images as they are plus `feature_views`
@@ -216,8 +188,16 @@ class Trainer:
         that phase 2 shows it; and the validation images. Kept on disk for --resume."""
         path = self.ckpt_dir / "features.pt"
         if self.epoch > 0 and path.is_file():
-            f = torch.load(path, map_location="cpu", weights_only=True)
-            return f["train"], f["val"]
+            try:
+                f = torch.load(path, map_location="cpu", weights_only=True)
+                f_train, f_val = f["train"], f["val"]
+                ok = len(f_train) % len(self.train.y) == 0 and len(f_val) == len(self.val.y)
+            except Exception as e:
+                raise SonocadError(f"{path}: damaged or unsafe feature cache ({e.__class__.__name__})") from None
+            if not ok:
+                raise SonocadError(f"{path}: feature cache of other data ({len(f_train)} training rows for "
+                                   f"{len(self.train.y)} images); start a new run")
+            return f_train, f_val
         images = self.train.images
         backbone = fold_batchnorm(self.model.backbone)     # frozen in phase 1: fold it for speed
         views = [torch.from_numpy(run_batches(backbone, images, self.pipeline))]
@@ -345,29 +325,6 @@ class Trainer:
         self._checkpoint(opt, sched)
         bar.set_postfix(loss=f"{row['loss']:.3f}", val_loss=f"{scores['val_loss']:.3f}",
                         val_auc=f"{scores['val_auc']:.3f}")
-
-
-def weight_average(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> AveragedModel | None:
-    """Phase 2's exponential moving average of `model`'s weights over cfg.ema_epochs epochs (None when 0):
-    call `.update_parameters(model)` after every step; `.module` is the averaged model."""
-    if cfg.ema_epochs <= 0:
-        return None
-    # single epochs' weights swing with the last few batches; their moving average is steadier
-    decay = 1.0 - 1.0 / max(1.0, cfg.ema_epochs * steps_per_epoch)
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
-
-
-def warmup_cosine(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step schedule: linear warm-up over `warmup` steps (factor (k+1)/(warmup+1) at step k), then cosine
-    annealing to 0 at step `total`."""
-    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
-
-    cosine = CosineAnnealingLR(opt, T_max=max(1, total - warmup))
-    if warmup == 0:
-        return cosine
-    ramp = LinearLR(opt, start_factor=1 / (warmup + 1), end_factor=warmup / (warmup + 1),
-                    total_iters=max(1, warmup - 1))
-    return SequentialLR(opt, [ramp, cosine], milestones=[warmup])
 
 
 def build_model(cfg: TrainConfig, n_classes: int, precision: Precision) -> Classifier:

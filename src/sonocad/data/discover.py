@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import csv
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..errors import OptionError, SonocadError
+from ..errors import OptionError, SonocadError, SonocadWarning
 
 MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<n>\d+))?$", re.IGNORECASE)
 BUSBRA_CSV = "bus_data.csv"
@@ -138,6 +139,7 @@ def read_manifest(path: Path) -> list[Sample]:
         raise SonocadError(f"{path}: manifest has no rows")
     base = path.parent
     samples = []
+    first_row: dict[str, tuple[int, str]] = {}
     for i, row in enumerate(rows, start=2):
         row = {(k or "").strip().lower(): (v or "").strip() if isinstance(v, str) else "" for k, v in row.items()}
         if not row.get("path") or not row.get("label"):
@@ -146,6 +148,12 @@ def read_manifest(path: Path) -> list[Sample]:
         p = p if p.is_absolute() else base / p
         if not p.is_file():
             raise SonocadError(f"{path}:{i}: image {p} does not exist")
+        key = str(p.resolve())
+        if key in first_row:     # one image twice would sit on both sides of a split, or teach two labels
+            j, label = first_row[key]
+            why = f"as {label} and as {row['label']}" if label != row["label"] else "twice"
+            raise SonocadError(f"{path}:{i}: image {p} is listed {why} (rows {j} and {i})")
+        first_row[key] = (i, row["label"])
         masks = ()
         if row.get("mask"):
             m = Path(row["mask"]).expanduser()
@@ -189,6 +197,12 @@ def select_classes(samples: list[Sample], classes: list[str] | None, where: str,
     kept = [s for s in samples if s.label in classes]
     if not kept:
         raise SonocadError(f"{where}: no images of classes {', '.join(classes)}")
+    left = {label: n for label, n in sorted(found.items()) if label not in classes}
+    if left:
+        near = {label: c for label in left for c in classes if label.strip().lower() == c.lower()}
+        hint = "".join(f"; is {label!r} meant to be {c!r}? labels are case-sensitive" for label, c in near.items())
+        warnings.warn(SonocadWarning(f"{where}: left out {sum(left.values())} image(s) of classes not asked for: "
+                                     + ", ".join(f"{k} ({v})" for k, v in left.items()) + hint))
     return kept
 
 

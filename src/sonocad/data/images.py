@@ -5,6 +5,8 @@ gray image repeated on its 3 input channels.
 """
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +30,8 @@ def _to_gray(img: Image.Image) -> Image.Image:
         elif hi > 255:
             a = a / 257.0   # 16-bit range onto 8-bit, keeping relative gain between images
         return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8))
+    if img.mode == "LAB":      # CIE L*a*b*: its lightness band is the gray image
+        return img.getchannel(0)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
@@ -39,6 +43,11 @@ def load_gray(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open `path` as an 8-bit grayscale PIL image (EXIF rotation applied, first frame only).
     Raises SonocadError with the file name for anything that is not a usable image."""
     try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise SonocadError(f"{path}: is a folder, not an image")
+        if not stat.S_ISREG(mode):      # a named pipe or a device would block or never end
+            raise SonocadError(f"{path}: not a regular file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
@@ -144,7 +153,8 @@ def load_many(paths: list[str], size: int, resize: str = "pad", skip_bad: bool =
         results = list(pool.map(one, paths))
     problems = [err for _, err in results if err]
     if problems and not skip_bad:
-        more = f" (and {len(problems) - 1} more bad image(s); --skip-bad leaves them out)" if len(problems) > 1 else ""
+        more = (f" (and {len(problems) - 1} more bad image(s) among the {len(paths)} read; --skip-bad leaves them "
+                "out)" if len(problems) > 1 else "")
         raise SonocadError(problems[0] + more)
     good = [i for i, (a, _) in enumerate(results) if a is not None]
     arr = np.stack([results[i][0] for i in good]) if good else np.zeros((0, size, size), np.uint8)
