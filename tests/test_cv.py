@@ -129,7 +129,8 @@ def test_compare_two_runs(tiny_run, phantoms, tmp_path, capsys):
     # the same weights with the classes the other way round: a different task, refused
     flipped = tmp_path / "flipped"
     shutil.copytree(other, flipped)
-    (flipped / "run.json").unlink()          # else refused earlier: its config.json changed after it finished
+    for name in ("run.json", "checkpoints/data.json"):    # a run from before finished runs were recorded;
+        (flipped / name).unlink()                         # else refused earlier: its config.json changed
     cfg = json.loads((flipped / "config.json").read_text())
     cfg["classes"], cfg["positive"] = ["malignant", "benign"], "benign"
     (flipped / "config.json").write_text(json.dumps(cfg))

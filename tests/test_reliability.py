@@ -150,6 +150,46 @@ def test_second_writer_is_refused(phantoms, tmp_path):
     _consistent(run)
 
 
+def test_lock_is_per_folder_whatever_its_name(tmp_path, monkeypatch):
+    from sonocad.rundir import RunLock
+
+    real = tmp_path / "runs" / "real"
+    real.mkdir(parents=True)
+    (tmp_path / "runs" / "latest").symlink_to(real)
+    monkeypatch.chdir(real)
+    with RunLock(real) as lock:
+        assert lock.run == real.resolve()
+        for other in (tmp_path / "runs" / "latest", ".", f"{real}/"):     # one folder, one lock
+            with pytest.raises(SonocadError, match="another sonocad process is writing it"):
+                RunLock(other).__enter__()
+
+
+def test_leftovers_are_matched_exactly(tmp_path):
+    from sonocad.rundir import RunLock
+
+    busy = tmp_path / ".exp1.new-123"            # another run's scratch folder
+    busy.mkdir()
+    backup = tmp_path / ".busi.old-backup"       # a user's folder that only looks like a leftover
+    backup.mkdir()
+    with RunLock(tmp_path / "exp[1]"), RunLock(tmp_path / "busi"):
+        pass
+    assert busy.is_dir() and backup.is_dir()
+    (tmp_path / ".exp1.new-456").mkdir()         # a leftover of exp1's own: removed by its next writer
+    with RunLock(tmp_path / "exp1"):
+        pass
+    assert not (tmp_path / ".exp1.new-456").exists() and not busy.exists()
+
+
+def test_damaged_run_record_and_unfinished_cv(tiny_run, phantoms, tmp_path, capsys):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    (run / "run.json").write_text('{"files": []}')
+    assert "run.json: damaged record of a finished run" in _err(capsys, ["predict", str(run), str(phantoms)])
+    cv = tmp_path / "cv"
+    _copy_run(tiny_run, cv / "fold-1")           # a cross-validation killed after its first fold
+    assert "cross-validation in progress or interrupted" in _err(capsys, ["predict", str(cv), str(phantoms)])
+    assert "--overwrite are train options" in _err(capsys, ["cv", str(phantoms), "--out", str(cv), "--overwrite"])
+
+
 # --- 4: resume checks the data and the settings ------------------------------------------------------------
 
 @pytest.fixture
@@ -174,6 +214,10 @@ def test_resume_refuses_other_data_or_settings(interrupted, capsys):
         f"{p},{'malignant' if p.parent.name == 'benign' else 'benign'}\n" for p in rows))
     err = _err(capsys, ["train", str(swapped), "--resume", str(run)])
     assert "data differ" in err and "data: 48 image(s) with another label, group or site" in err
+    lines = manifest.read_text().splitlines()
+    reordered = manifest.parent / "reordered.csv"      # the same rows in another order: other splits
+    reordered.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+    assert "the same images in another order" in _err(capsys, ["train", str(reordered), "--resume", str(run)])
     fewer = manifest.parent / "fewer.csv"
     fewer.write_text("\n".join(manifest.read_text().splitlines()[:-3]) + "\n")
     assert "data: 3 image(s) missing" in _err(capsys, ["train", str(fewer), "--resume", str(run)])
@@ -268,7 +312,8 @@ def test_impossible_option_values(phantoms, tmp_path, capsys, argv, match):
 ])
 def test_impossible_config_json(tiny_run, tmp_path, capsys, field, value, match):
     run = _copy_run(tiny_run, tmp_path / "run")
-    (run / "run.json").unlink()                       # a run from before finished runs were recorded
+    for name in ("run.json", "checkpoints/data.json"):  # a run from before finished runs were recorded
+        (run / name).unlink()
     cfg = json.loads((run / "config.json").read_text())
     cfg["config"][field] = value
     (run / "config.json").write_text(json.dumps(cfg))

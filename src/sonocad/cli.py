@@ -95,7 +95,7 @@ def cmd_train(a) -> None:
 
     given = {}
     if a.resume:
-        if a.out and Path(a.out) != Path(a.resume):
+        if a.out and Path(a.out).resolve() != Path(a.resume).resolve():
             raise SonocadError("--resume RUN continues RUN in place; leave out --out or give the same folder")
         a.out, cfg = a.resume, None
         given = {k: v for k, v in vars(a).items() if k in _config_fields() and v is not None}
@@ -147,8 +147,11 @@ def cmd_predict(a) -> None:
         from .io import ensure_writable_dir
         from .rundir import refuse_writing_into_runs
 
-        if Path(a.csv).is_dir():
-            raise OptionError("csv", f"{a.csv} is a folder; give a file name")
+        try:
+            if Path(a.csv).is_dir():
+                raise OptionError("csv", f"{a.csv} is a folder; give a file name")
+        except OSError as e:
+            raise OptionError("csv", f"{a.csv}: {e.strerror or e}") from None
         refuse_writing_into_runs(a.csv, [a.run], "csv")
         ensure_writable_dir(Path(a.csv).parent, "csv")
     rows = predict_paths(a.run, a.inputs, skip_bad=a.skip_bad, precision=a.precision)
@@ -179,8 +182,9 @@ def cmd_cv(a) -> None:
 
     if not a.out:
         raise SonocadError("cv: the following arguments are required: --out")
-    if a.resume or a.test_data:
-        raise SonocadError("cv: --resume and --test are train options; cv reuses finished folds in --out by itself")
+    if a.resume or a.test_data or a.overwrite:
+        raise SonocadError("cv: --resume, --test and --overwrite are train options; cv reuses the finished folds "
+                           "in --out by itself (choose a new --out to start again)")
     cfg = _config(a)
     m = cross_validate(a.data, a.out, cfg, folds=a.folds, repeats=a.repeats, external=a.external,
                        progress=not a.quiet)

@@ -230,11 +230,20 @@ class RunInfo:
         """A run's config.json, every field checked: a damaged or hand-edited file gives one line naming
         the field, never a run with impossible settings."""
         try:
-            d = json.loads(Path(path).read_text())
-            d["config"] = TrainConfig.from_dict({**BEFORE_OPTION, **d["config"]}).validate()
-            info = cls(**d)
+            data = Path(path).read_bytes()
         except FileNotFoundError:
             raise SonocadError(f"{path}: no config.json; is this a sonocad run directory?") from None
+        except OSError as e:
+            raise SonocadError(f"{path}: cannot read ({e.strerror or e})") from None
+        return cls.loads(data, path)
+
+    @classmethod
+    def loads(cls, data: bytes, path: Path) -> "RunInfo":
+        """RunInfo.load from the bytes of `path`."""
+        try:
+            d = json.loads(data)
+            d["config"] = TrainConfig.from_dict({**BEFORE_OPTION, **d["config"]}).validate()
+            info = cls(**d)
         except OptionError as e:
             raise SonocadError(f"{path}: {e}") from None
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:

@@ -67,11 +67,12 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
         raise OptionError("folds", f"must be at least 2, not {folds}")
     if repeats < 1:
         raise OptionError("repeats", f"must be at least 1, not {repeats}")
-    out = Path(out)
-    with RunLock(out):
+    with RunLock(out) as lock:
+        out = lock.run
         st = rundir.state(out)
-        if st == "other" or (st == "finished" and rundir.kind(out) != "cv") or (out / "config.json").is_file():
+        if st == "other" or (st == "finished" and rundir.kind(out) != "cv") or (out / "config.json").exists():
             raise OptionError("out", f"{out} holds something other than a cross-validation; choose a new folder")
+        (out / rundir.MARKER).unlink(missing_ok=True)     # in progress again until its summary is rewritten
         metrics = _cross_validate(data, ensure_writable_dir(out), cfg, folds, repeats, external, progress)
         rundir.finish(out, ["metrics.json", "oof_predictions.csv", "report.html"], kind="cv")
     return metrics
@@ -111,10 +112,11 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
             test = full.take(held)
             ext_csv = fold_dir / "external" / "predictions.csv"
             fold_cfg = TrainConfig.from_dict({**cfg.to_dict(), "seed": seed + k})
-            done = (fold_dir / "metrics.json").is_file() and (not ext or ext_csv.is_file())
+            done = rundir.kind(fold_dir) == "train" and (not ext or ext_csv.is_file())
             if done:
                 _check_reused_fold(fold_dir, fold_cfg)
             else:
+                (fold_dir / rundir.MARKER).unlink(missing_ok=True)   # trained again in place: unfinished until done
                 train, val = split_train_val(full.take(rest), fold_cfg)
                 summary = data_summary(data, f"fold {k + 1} of {folds}", prepared, train, val, test,
                                        bad[len(prepared.bad):], fold_cfg.offline_augment)

@@ -16,7 +16,7 @@ from .data import discover
 from .data.discover import image_files
 from .errors import SonocadError, SonocadWarning
 from .io import ensure_writable_dir
-from .rundir import RunLock, finish, prepare_output, refuse_writing_into_runs, swap_in
+from .rundir import RunLock, finish, prepare_output, refuse_writing_into_runs, remove, swap_in
 from .metrics import delong_test
 from .predictor import Predictor
 from .results import score_predictions, write_evaluation
@@ -30,14 +30,18 @@ def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
                  precision: str = "auto", shortcut: bool = False) -> dict:
     """Evaluate a trained run on another dataset, using the run's classes and ignoring other classes.
     `shortcut=True` adds the shortcut check (overlays removed, lesion masked out) on images with masks."""
-    out = Path(out)
     refuse_writing_into_runs(out, [run], "out")
-    with RunLock(out):
-        work = ensure_writable_dir(prepare_output(out, allowed_kind="evaluate"))
-        metrics = _evaluate(run, data, work, skip_bad, precision, shortcut)
-        finish(work, ["metrics.json", "predictions.csv", "report.html"], kind="evaluate")
-        if work != out:
-            swap_in(work, out)
+    with RunLock(out) as lock:
+        out = lock.run
+        # always built beside and swapped in: a kill leaves the earlier evaluation, or none, never half of one
+        work = ensure_writable_dir(prepare_output(out, allowed_kind="evaluate", in_place=False))
+        try:
+            metrics = _evaluate(run, data, work, skip_bad, precision, shortcut)
+            finish(work, ["metrics.json", "predictions.csv", "report.html"], kind="evaluate")
+        except BaseException:
+            remove(work)
+            raise
+        swap_in(work, out)
     return metrics
 
 

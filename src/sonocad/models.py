@@ -169,6 +169,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def safetensors_from_bytes(data: bytes, where: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from the bytes of a .safetensors file; one-line error naming `where` if they are not one."""
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception as e:
+        raise SonocadError(f"{where}: not a readable weights file ({e.__class__.__name__})") from None
+
+
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Load a local checkpoint into `backbone`: a timm state dict, or a sonocad model's."""
     sd = read_state_dict(path)

@@ -23,8 +23,8 @@ from .config import RunInfo
 from .data import load_many
 from .errors import SonocadError
 from .infer import InputPipeline, resolve_precision, run_batches
-from .models import Classifier, create_model, fold_batchnorm, read_state_dict
-from .rundir import check_finished
+from .models import Classifier, create_model, fold_batchnorm, safetensors_from_bytes
+from .rundir import kind, read_finished
 
 # what the fold models of an ensemble must share
 PREPROCESSING = ("model", "resize", "clean_overlays", "tta", "tta_zooms")
@@ -36,12 +36,14 @@ def load_run(run: str | Path, precision: str = "auto") -> tuple[RunInfo, Classif
     run = Path(run)
     if not run.is_dir():
         raise SonocadError(f"{run}: run directory not found")
-    check_finished(run)
-    info = RunInfo.load(run / "config.json")
+    if not (run / "config.json").exists():
+        raise SonocadError(f"{run / 'config.json'}: no config.json; is this a sonocad run directory?")
+    files = read_finished(run, ["config.json", "model.safetensors"])   # one run's files, even mid-swap
+    info = RunInfo.loads(files["config.json"], run / "config.json")
     cfg = info.config
     n_out = 1 if info.binary else len(info.classes)
     model = create_model(cfg.model, n_out, pretrained=False, hidden=cfg.hidden, dropout=cfg.dropout)
-    state = read_state_dict(run / "model.safetensors")
+    state = safetensors_from_bytes(files["model.safetensors"], run / "model.safetensors")
     state.setdefault("temperature", torch.ones(()))    # runs saved before temperature scaling existed
     try:
         model.load_state_dict(state)
@@ -84,6 +86,9 @@ class Predictor:
         if not folds:
             raise SonocadError(f"{run}: no config.json (nor cross-validation folds); is this a sonocad run "
                                "directory?")
+        if kind(run) != "cv":
+            raise SonocadError(f"{run}: cross-validation in progress or interrupted ({len(folds)} fold(s) so far); "
+                               "run the same sonocad cv command again to finish it")
         loaded = [load_run(f.parent, precision) for f in folds]
         first = loaded[0][0]
         for info, _, _ in loaded[1:]:

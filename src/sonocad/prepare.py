@@ -235,7 +235,7 @@ def data_record(samples: list, test_samples: list = ()) -> dict:
         out = []
         for s in ss:
             st = os.stat(s.path)
-            out.append([s.path, st.st_size, st.st_mtime_ns, s.label, s.group, s.site])
+            out.append([os.path.abspath(s.path), st.st_size, st.st_mtime_ns, s.label, s.group, s.site])
         return out
 
     return {"data": rows(samples), "test": rows(test_samples)}
@@ -253,6 +253,9 @@ def check_same_data(path: Path, record: dict) -> None:
         return      # runs started before sonocad recorded their data
     except (OSError, ValueError) as e:
         raise SonocadError(f"{path}: damaged record of the run's data ({e.__class__.__name__})") from None
+    if not (isinstance(old, dict) and all(isinstance(old.get(k, []), list) for k in ("data", "test"))
+            and all(isinstance(r, list) and len(r) == 6 for k in ("data", "test") for r in old.get(k, []))):
+        raise SonocadError(f"{path}: damaged record of the run's data")
     problems = []
     for part in ("data", "test"):
         before = {r[0]: r[1:] for r in old.get(part, [])}
@@ -264,6 +267,10 @@ def check_same_data(path: Path, record: dict) -> None:
                             ("with another label, group or site", relabelled)):
             if paths:
                 problems.append(f"{part}: {len(paths)} image(s) {what} (e.g. {paths[0]})")
+    for part in ("data", "test"):
+        if not problems and [r[0] for r in old.get(part, [])] != [r[0] for r in record[part]]:
+            # the splits are drawn by position: the same images in another order make other splits
+            problems.append(f"{part}: the same images in another order (sites or manifest rows reordered)")
     if problems:
         raise SonocadError(f"the data differ from those the run started with: {'; '.join(problems)}; resume "
                            "with the same data, or start a new run")

@@ -84,17 +84,22 @@ def fit(data, out, cfg: TrainConfig | None = None, test_data=None, progress: boo
     `resume=True` continues an interrupted run in `out` with the data and settings it was started with.
     An existing run is replaced only with `overwrite=True`: the new run is built beside it and swapped in
     when finished, so the old run stays whole until then."""
-    out = Path(out)
     if resume and overwrite:
         raise OptionError("overwrite", "replaces a run; it cannot be combined with resume")
-    with RunLock(out):
+    with RunLock(out) as lock:
+        out = lock.run
         if resume:
             cfg = _resume_config(out, cfg, overrides)
             work = out
         else:
             cfg = (cfg or TrainConfig.from_recipe(overrides.pop("recipe", "default"), **overrides)).validate()
             work = prepare_output(out, allowed_kind="", overwrite=overwrite)
-        metrics = _fit(data, ensure_writable_dir(work), cfg, test_data, progress, resume)
+        try:
+            metrics = _fit(data, ensure_writable_dir(work), cfg, test_data, progress, resume)
+        except BaseException:
+            if work != out:
+                rundir.remove(work)      # a replacement that did not finish: the old run stays as it was
+            raise
         if work != out:
             swap_in(work, out)
     return metrics
@@ -105,10 +110,15 @@ def _resume_config(out: Path, cfg: TrainConfig | None, overrides: dict) -> Train
     if rundir.kind(out):
         raise SonocadError(f"{out}: this run is finished; there is nothing to resume")
     read_checkpoint(out / "checkpoints" / "last.pt")   # fail now, not after decoding the data
-    stored = RunInfo.load(out / "config.json").config
+    info = RunInfo.load(out / "config.json")
+    stored = info.config
     given = cfg.to_dict() if cfg is not None else {k: v for k, v in overrides.items() if v is not None}
-    differ = [f"{k} (--{k.replace('_', '-')}) {v!r}, the run's {getattr(stored, k)!r}"
-              for k, v in given.items() if k in stored.to_dict() and v != getattr(stored, k)]
+    # what the run resolved its automatic settings to counts as its setting
+    effective = {**stored.to_dict(), "img_size": info.img_size, "positive": info.positive}
+    if stored.classes is None and isinstance(given.get("classes"), list) and sorted(given["classes"]) == sorted(info.classes):
+        effective["classes"] = given["classes"]
+    differ = [f"{k} (--{k.replace('_', '-')}) {v!r}, the run's {effective[k]!r}"
+              for k, v in given.items() if k in effective and v != effective[k]]
     if differ:
         raise SonocadError(f"{out}: resume continues the run with the settings it was started with; these "
                            f"differ: {'; '.join(differ)} (leave them out, or start a new run)")
