@@ -67,6 +67,8 @@ class TrainConfig:
     val_size: float = option(0.15, "validation fraction of what is not held out for testing")
     test_size: float = option(0.2, "held-out test fraction (when no separate test data is given)")
     skip_bad: bool = option(False, "leave out unreadable images, with a warning")
+    frames: str = option("first", "frames of a multi-frame DICOM file (cine loop) to use: the first, the middle one, "
+                         "or all (each a sample; a file's frames never cross a split)", choices=("first", "middle", "all"))
     # phase 1: frozen backbone, head only
     head_epochs: int = option(60, "phase 1 (head on the frozen backbone): most epochs, early stopping")
     head_lr: float = option(3e-4, "phase 1 learning rate")

@@ -92,7 +92,7 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
     sites = prepared.sites
     ext = None
     if external:
-        ext_samples = discover(external, classes, allow_missing_classes=True)
+        ext_samples = discover(external, classes, allow_missing_classes=True, frames=cfg.frames)
         ext, bad_ext = decode_split(ext_samples, classes, cfg, img_size, "external")
         bad += bad_ext
     pipeline = InputPipeline(task.mean, task.std, precision)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import discover
+from .data.dicom import frame_refs
 from .data.discover import image_files
 from .errors import SonocadError, SonocadWarning
 from .io import ensure_writable_dir
@@ -48,7 +49,7 @@ def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
 def _evaluate(run, data, out: Path, skip_bad: bool, precision: str, shortcut: bool) -> dict:
     predictor = Predictor.load(run, precision)
     info = predictor.info
-    samples = discover(data, info.classes, allow_missing_classes=True)
+    samples = discover(data, info.classes, allow_missing_classes=True, frames=info.config.frames)
     images, samples, y, bad = predictor.decode_samples(samples, skip_bad)
     missing = [c for i, c in enumerate(info.classes) if not (y == i).any()]
     if missing:
@@ -73,7 +74,7 @@ def predict_paths(run: str | Path, inputs: list[str | Path], skip_bad: bool = Fa
     """Per-image class probabilities and predicted class for image files and folders (rows in input order;
     with `skip_bad`, an unreadable image gives a row with its `error` instead)."""
     predictor = Predictor.load(run, precision)
-    files = image_files(inputs)
+    files = [ref for f in image_files(inputs) for ref in frame_refs(str(f), predictor.info.config.frames)]
     rows = []
     # decode in chunks so a folder of thousands of images never sits in memory at once
     for start in range(0, len(files), 512):
@@ -97,7 +98,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, data, skip_bad: bool = Fa
         if not predictor.info.binary:
             raise SonocadError(f"{run}: compare needs binary runs; this one has classes "
                                f"{', '.join(predictor.classes)}")
-        samples = discover(data, predictor.classes, allow_missing_classes=True)
+        samples = discover(data, predictor.classes, allow_missing_classes=True, frames=predictor.info.config.frames)
         images, samples, y, _ = predictor.decode_samples(samples, skip_bad)
         seen.append(([s.path for s in samples], y))
         probs.append(predictor.predict_proba(images)[:, 1])

@@ -81,7 +81,7 @@ class Prepared:
 def find_task(data, cfg: TrainConfig) -> Task:
     """Discover `data` (a folder, a CSV manifest or a list of them: sites) and resolve its classes."""
     img_size, mean, std = input_config(cfg.model, cfg.img_size)
-    samples = discover(data, cfg.classes)
+    samples = discover(data, cfg.classes, frames=cfg.frames)
     classes, positive = resolve_classes(samples, cfg.classes, cfg.positive)
     return Task(samples, classes, positive, img_size, mean, std)
 

@@ -131,12 +131,10 @@ def _fit(data, out: Path, cfg: TrainConfig, test_data, progress: bool, resume: b
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     task = find_task(data, cfg)
-    test_samples = discover(test_data, task.classes) if test_data else []
+    test_samples = discover(test_data, task.classes, frames=cfg.frames) if test_data else []
     record = data_record(task.samples, test_samples)
     if resume:
         check_same_data(out / "checkpoints" / "data.json", record)
-    else:
-        write_data_record(out / "checkpoints" / "data.json", record)
     precision = resolve_precision(cfg.precision)
     # the model (and its weights) before decoding: missing weights fail in seconds, not minutes
     model = build_model(cfg, len(task.classes), precision)
@@ -149,6 +147,8 @@ def _fit(data, out: Path, cfg: TrainConfig, test_data, progress: bool, resume: b
     else:
         rest, test = hold_out_test(prepared.full, cfg)
     train, val = split_train_val(rest, cfg)
+    if not resume:      # written once the data proved readable: a run that fails before training leaves nothing
+        write_data_record(out / "checkpoints" / "data.json", record)
     summary = data_summary(data, str(test_data) if test_data else "held-out part of the training data",
                            prepared, train, val, test, bad_test, cfg.offline_augment)
     return train_and_evaluate(model, run_info(cfg, prepared, summary), train, val, test, out, precision,

@@ -35,18 +35,41 @@ def _is_hidden(p: Path) -> bool:
 
 
 def discover(data: str | Path | list, classes: list[str] | None = None, *,
-             allow_missing_classes: bool = False) -> list[Sample]:
+             allow_missing_classes: bool = False, frames: str = "first") -> list[Sample]:
     """Samples of `data` (a folder, a CSV manifest, or a list of them, one per site), restricted to
-    and ordered like `classes`. Raises SonocadError naming the problem for anything unusable."""
+    and ordered like `classes`. Raises SonocadError naming the problem for anything unusable.
+    `frames`: of a multi-frame DICOM file (a cine loop) use the first frame, the middle one, or all of them
+    (each a sample "file.dcm#frame=K", the file their group so that they never cross a split)."""
     if isinstance(data, (list, tuple)):
         if len(data) == 1:
-            return discover(data[0], classes, allow_missing_classes=allow_missing_classes)
+            return discover(data[0], classes, allow_missing_classes=allow_missing_classes, frames=frames)
         out: list[Sample] = []
         for d in data:
             site = Path(d).name if Path(d).is_dir() else Path(d).stem
             out += [s if s.site else replace(s, site=site)
-                    for s in discover(d, classes, allow_missing_classes=allow_missing_classes)]
+                    for s in discover(d, classes, allow_missing_classes=allow_missing_classes, frames=frames)]
         return out
+    return expand_frames(_discover_one(data, classes, allow_missing_classes), frames)
+
+
+def expand_frames(samples: list[Sample], frames: str) -> list[Sample]:
+    """Samples with multi-frame DICOM files replaced by the frames asked for (see discover)."""
+    from .dicom import frame_refs
+
+    if frames == "first":
+        return samples
+    out = []
+    for s in samples:
+        refs = frame_refs(s.path, frames)
+        if len(refs) == 1 and refs[0] == s.path:
+            out.append(s)
+        else:
+            group = s.group if s.group is not None else f"file:{s.path}"
+            out += [replace(s, path=r, group=group, masks=()) for r in refs]
+    return out
+
+
+def _discover_one(data, classes, allow_missing_classes: bool) -> list[Sample]:
     data = Path(data)
     if not data.exists():
         raise SonocadError(f"{data}: no such file or folder")

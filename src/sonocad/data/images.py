@@ -16,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..errors import SonocadError
 
 MIN_SIDE = 32
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm", ".dcm", ".dicom"}
 MAX_PIXELS = 64_000_000  # refuse decompression bombs and absurd sizes before decoding
 
 
@@ -42,12 +42,21 @@ def _to_gray(img: Image.Image) -> Image.Image:
 def load_gray(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open `path` as an 8-bit grayscale PIL image (EXIF rotation applied, first frame only).
     Raises SonocadError with the file name for anything that is not a usable image."""
+    from .dicom import is_dicom, read_dicom, split_ref
+
+    file, frame = split_ref(path)
     try:
-        mode = os.stat(path).st_mode
+        mode = os.stat(file).st_mode
         if stat.S_ISDIR(mode):
             raise SonocadError(f"{path}: is a folder, not an image")
         if not stat.S_ISREG(mode):      # a named pipe or a device would block or never end
             raise SonocadError(f"{path}: not a regular file")
+        if is_dicom(file):
+            img = read_dicom(file, frame or 0, max_pixels=max_pixels)
+            if min(img.size) < MIN_SIDE:
+                raise SonocadError(f"{path}: image is {img.size[0]}x{img.size[1]} px, under the minimum of "
+                                   f"{MIN_SIDE} px")
+            return img
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
