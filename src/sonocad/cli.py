@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from .config import PRECISIONS
+from .console import print_explanation, print_fold_points, print_metrics, warn_bad
 from .errors import OptionError, SonocadError, SonocadWarning
 
 
@@ -74,22 +75,6 @@ def _config(a):
     return TrainConfig.from_recipe(values.pop("recipe") or "default", **values)
 
 
-def _f(v) -> str:
-    """A figure for the terminal: 3 decimals, or n/a where the data do not define it."""
-    return "n/a" if v is None or v != v else f"{v:.3f}"
-
-
-def _print_metrics(m: dict, where: str) -> None:
-    if "auc_ci" in m:
-        lo, hi = m["auc_ci"]
-        print(f"{where}: n={m['n']} {m['n_per_class']}  AUC {_f(m['auc'])} (95% CI {_f(lo)}-{_f(hi)})  "
-              f"sensitivity {_f(m['sensitivity'])}  specificity {_f(m['specificity'])}  "
-              f"balanced accuracy {_f(m['balanced_accuracy'])}  (threshold {m['threshold']:.2f})")
-    else:
-        print(f"{where}: n={m['n']}  macro AUC {_f(m['auc'])}  accuracy {_f(m['accuracy'])}  "
-              f"balanced accuracy {_f(m['balanced_accuracy'])}")
-
-
 def cmd_train(a) -> None:
     from .train import fit
 
@@ -106,19 +91,13 @@ def cmd_train(a) -> None:
     _TRAINING.append(Path(a.out))
     m = fit(a.data, a.out, cfg, test_data=a.test_data, progress=not a.quiet, resume=bool(a.resume),
             overwrite=a.overwrite, **given)
-    _warn_bad(m["data"].get("skipped_bad_images", []))
-    _print_metrics(m, "test")
+    warn_bad(m["data"].get("skipped_bad_images", []))
+    print_metrics(m, "test")
+    print_explanation(m)
     t = m["timing_seconds"]
     print(f"time: {t['total']:.0f} s (data {t['data']:.0f}, phase 1 {t['phase1_head']:.0f}, "
           f"phase 2 {t['phase2_finetune']:.0f}), precision {m['precision']}")
     print(f"report: {Path(a.out) / 'report.html'}")
-
-
-def _warn_bad(bad: list[str]) -> None:
-    if bad:
-        print(f"warning: skipped {len(bad)} bad image(s):", file=sys.stderr)
-        for b in bad:
-            print(f"  {b}", file=sys.stderr)
 
 
 def cmd_evaluate(a) -> None:
@@ -126,9 +105,10 @@ def cmd_evaluate(a) -> None:
 
     m = evaluate_run(a.run, a.data if len(a.data) > 1 else a.data[0], a.out, skip_bad=a.skip_bad,
                      precision=a.precision, shortcut=a.shortcut_check)
-    _warn_bad(m["data"].get("skipped_bad_images", []))
-    _print_metrics(m, "evaluation")
-    _warn_bad(m.get("shortcut_check", {}).get("skipped_bad_images", []))
+    warn_bad(m["data"].get("skipped_bad_images", []))
+    print_metrics(m, "evaluation")
+    warn_bad(m.get("shortcut_check", {}).get("skipped_bad_images", []))
+    print_explanation(m)
     if "shortcut_check" in m:
         from .shortcut import VERSIONS
 
@@ -154,10 +134,10 @@ def cmd_predict(a) -> None:
             raise OptionError("csv", f"{a.csv}: {e.strerror or e}") from None
         refuse_writing_into_runs(a.csv, [a.run], "csv")
         ensure_writable_dir(Path(a.csv).parent, "csv")
-    rows = predict_paths(a.run, a.inputs, skip_bad=a.skip_bad, precision=a.precision)
+    rows = predict_paths(a.run, a.inputs, skip_bad=a.skip_bad, precision=a.precision, heatmaps=a.heatmaps)
     errors = [r for r in rows if "error" in r]
     rows = [r for r in rows if "error" not in r]
-    _warn_bad([r["error"] for r in errors])
+    warn_bad([r["error"] for r in errors])
     fields = list(rows[0]) if rows else ["path", "predicted"]
     if a.csv:
         import io
@@ -177,6 +157,18 @@ def cmd_predict(a) -> None:
             w.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()})
 
 
+def cmd_explain(a) -> None:
+    from .evaluate import explain_paths
+
+    rows = explain_paths(a.run, a.inputs, a.out, target=a.target, skip_bad=a.skip_bad, precision=a.precision)
+    warn_bad([r["error"] for r in rows if "error" in r])
+    done = [r for r in rows if "error" not in r]
+    hits = [r["pointing_hit"] for r in done if "pointing_hit" in r]
+    agree = (f"; the heatmap's maximum on the lesion (pointing game) in {sum(hits)} of {len(hits)} with a mask"
+             if hits else "")
+    print(f"wrote {len(done)} heatmap(s) and explanations.csv to {a.out}{agree}")
+
+
 def cmd_cv(a) -> None:
     from .cv import cross_validate
 
@@ -188,26 +180,19 @@ def cmd_cv(a) -> None:
     cfg = _config(a)
     m = cross_validate(a.data, a.out, cfg, folds=a.folds, repeats=a.repeats, external=a.external,
                        progress=not a.quiet)
-    _warn_bad(m["data"].get("skipped_bad_images", []))
-    _print_metrics(m["pooled"], f"pooled out-of-fold ({a.folds} folds)")
+    warn_bad(m["data"].get("skipped_bad_images", []))
+    print_metrics(m["pooled"], f"pooled out-of-fold ({a.folds} folds)")
     ms = m["mean_sd"]["auc"]
     print(f"per-fold AUC mean {ms[0]:.3f} ± sd {ms[1]:.3f}")
-    _print_fold_points(m["pooled"])
+    print_fold_points(m["pooled"])
     for site, sm in m.get("per_site", {}).items():
-        _print_metrics(sm, f"site {site}")
-        _print_fold_points(sm)
+        print_metrics(sm, f"site {site}")
+        print_fold_points(sm)
     if "external" in m:
-        _print_metrics(m["external"]["ensemble"], f"external {a.external} (ensemble of fold models)")
+        print_metrics(m["external"]["ensemble"], f"external {a.external} (ensemble of fold models)")
         e = m["external"]["per_fold_auc_mean_sd"]
         print(f"external per-fold AUC mean {e[0]:.3f} ± sd {e[1]:.3f}")
     print(f"time: {m['seconds']:.0f} s; report: {Path(a.out) / 'report.html'}")
-
-
-def _print_fold_points(m: dict) -> None:
-    for name, op in m.get("fold_operating_points", {}).items():
-        if name != "default":
-            print(f"  at each fold's {name} threshold (chosen on its validation data): sensitivity "
-                  f"{op['sensitivity']:.3f}, specificity {op['specificity']:.3f}")
 
 
 def cmd_compare(a) -> None:
@@ -304,9 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--csv", help="write the predictions to this CSV instead of standard output")
+    p.add_argument("--heatmaps", metavar="DIR", help="also write a Grad-CAM picture of each image into DIR")
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="where the model looked: a Grad-CAM picture of each scan")
+    p.add_argument("run")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--out", required=True, help="folder for the pictures and explanations.csv")
+    p.add_argument("--target", default="default", help="class explained: binary runs the positive class (default) "
+                   "or 'other' or a class name; multi-class runs each image's predicted class (default) or a name")
+    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("synth", help="write a synthetic B-mode phantom dataset (demo and test data)")
     p.add_argument("out")

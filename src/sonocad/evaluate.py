@@ -15,7 +15,8 @@ import numpy as np
 from .data import discover
 from .data.dicom import frame_refs
 from .data.discover import image_files
-from .errors import SonocadError, SonocadWarning
+from .errors import OptionError, SonocadError, SonocadWarning
+from .explain import explanation_metrics, write_pictures
 from .io import ensure_writable_dir
 from .rundir import RunLock, finish, prepare_output, refuse_writing_into_runs, remove, swap_in
 from .metrics import delong_test
@@ -58,6 +59,10 @@ def _evaluate(run, data, out: Path, skip_bad: bool, precision: str, shortcut: bo
     probs = predictor.predict_proba(images)
     metrics = score_predictions(y, probs, info)
     metrics["data"] = {"source": _source(data), "run": str(run), "skipped_bad_images": bad}
+    with_masks = [i for i, s in enumerate(samples) if s.masks]
+    if with_masks:       # where the model looked, against the lesion masks the data ship
+        metrics["explanation"] = explanation_metrics(predictor, images[with_masks], [samples[i] for i in with_masks],
+                                                     y[with_masks])
     sections = []
     if shortcut:
         from .shortcut import shortcut_check, shortcut_section
@@ -70,10 +75,14 @@ def _evaluate(run, data, out: Path, skip_bad: bool, precision: str, shortcut: bo
 
 
 def predict_paths(run: str | Path, inputs: list[str | Path], skip_bad: bool = False,
-                  precision: str = "auto", batch_size: int = 64) -> list[dict]:
+                  precision: str = "auto", batch_size: int = 64, heatmaps: str | Path | None = None) -> list[dict]:
     """Per-image class probabilities and predicted class for image files and folders (rows in input order;
-    with `skip_bad`, an unreadable image gives a row with its `error` instead)."""
+    with `skip_bad`, an unreadable image gives a row with its `error` instead). With `heatmaps`, also a
+    Grad-CAM picture of each image in that folder (one more forward pass per image; its name in the row)."""
     predictor = Predictor.load(run, precision)
+    if heatmaps is not None:
+        refuse_writing_into_runs(heatmaps, [run], "heatmaps")
+        heatmaps = ensure_writable_dir(heatmaps, "heatmaps")
     files = [ref for f in image_files(inputs) for ref in frame_refs(str(f), predictor.info.config.frames)]
     rows = []
     # decode in chunks so a folder of thousands of images never sits in memory at once
@@ -81,9 +90,11 @@ def predict_paths(run: str | Path, inputs: list[str | Path], skip_bad: bool = Fa
         chunk = [str(f) for f in files[start:start + 512]]
         images, good, bad = predictor.decode(chunk, skip_bad)
         probs = predictor.predict_proba(images, batch_size)
-        for i, p, pred in zip(good, probs, predictor.decide(probs)):
+        pictures = (write_pictures(predictor, [chunk[i] for i in good], images, heatmaps, start=len(rows),
+                                   with_masks=False, probs=probs) if heatmaps is not None else [{}] * len(good))
+        for i, p, pred, pic in zip(good, probs, predictor.decide(probs), pictures):
             rows.append({"path": chunk[i], **{f"prob_{c}": float(v) for c, v in zip(predictor.classes, p)},
-                         "predicted": pred})
+                         "predicted": pred, **({"heatmap": pic["heatmap"]} if pic else {})})
         for problem in bad:
             rows.append({"path": problem.split(": ")[0], "error": problem})
     return rows
@@ -108,3 +119,47 @@ def compare_runs(run_a: str | Path, run_b: str | Path, data, skip_bad: bool = Fa
                            "compare needs the same binary task")
     result = delong_test(y_a, probs[0], probs[1])
     return {"run_a": str(run_a), "run_b": str(run_b), "data": str(data), "n": int(len(y_a)), **result}
+
+
+def explain_paths(run: str | Path, inputs: list[str | Path], out: str | Path, target: str = "default",
+                  skip_bad: bool = False, precision: str = "auto") -> list[dict]:
+    """A heatmap picture of each image of `inputs` (files and folders) in folder `out`: Grad-CAM over the scan,
+    the probability, the decision at the run's operating point, and the lesion outline where a mask lies beside
+    the image (`<image>_mask.png`); `out/explanations.csv` lists them with the agreement with the mask.
+    `target`: the class explained: binary runs "positive" (default) or "other" (or a class name); multi-class
+    runs a class name, or each image's predicted class (default)."""
+    import csv
+    import io
+
+    from .io import atomic_write_text
+
+    predictor = Predictor.load(run, precision)
+    refuse_writing_into_runs(out, [run], "out")
+    out = ensure_writable_dir(out)
+    classes = predictor.classes
+    if target == "default":
+        target = "positive" if predictor.info.binary else "predicted"
+    elif predictor.info.binary and target in classes:
+        target = "positive" if target == classes[1] else "other"
+    elif not predictor.info.binary and target in classes:
+        target = classes.index(target)
+    elif target not in (("positive", "other") if predictor.info.binary else ("predicted",)):
+        raise OptionError("target", f"{target!r} is not one of the classes {', '.join(classes)}")
+    files = [ref for f in image_files(inputs) for ref in frame_refs(str(f), predictor.info.config.frames)]
+    rows = []
+    for start in range(0, len(files), 64):
+        chunk = [str(f) for f in files[start:start + 64]]
+        images, good, bad = predictor.decode(chunk, skip_bad)
+        probs = predictor.predict_proba(images)
+        pics = write_pictures(predictor, [chunk[i] for i in good], images, out, start=len(rows), target=target,
+                              probs=probs)
+        for pic, p, pred in zip(pics, probs, predictor.decide(probs)):
+            rows.append({**pic, **{f"prob_{c}": float(v) for c, v in zip(classes, p)}, "predicted": pred})
+        rows += [{"path": problem.split(": ")[0], "error": problem} for problem in bad]
+    fields = ["path", "heatmap", *[f"prob_{c}" for c in classes], "predicted", "pointing_hit", "energy_in_mask"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(r for r in rows if "error" not in r)
+    atomic_write_text(out / "explanations.csv", buf.getvalue())
+    return rows

@@ -12,24 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 from .data import discover
-from .data.images import load_gray, remove_overlays, to_square
+from .data.images import load_gray, load_mask, remove_overlays, to_square
 from .errors import SonocadError
 from .metrics import delong_auc_ci
 from .predictor import Predictor
 from .report import html_table
-
-
-def lesion_mask(mask_paths: tuple[str, ...], size: int, resize: str) -> np.ndarray:
-    """Union of a sample's lesion masks, resized like its image, as a boolean (size, size) array."""
-    out = np.zeros((size, size), bool)
-    for p in mask_paths:
-        m = load_gray(p)
-        out |= to_square(m, size, resize, resample=Image.NEAREST) > 127
-    return out
 
 
 def mask_out(image: np.ndarray, mask: np.ndarray, margin: int = 4, sigma: float = 12.0) -> np.ndarray:
@@ -107,7 +97,7 @@ def _versions(predictor: Predictor, sample) -> dict[str, np.ndarray]:
     if info.config.clean_overlays:
         gray = remove_overlays(gray)
     img = to_square(gray, size, resize)
-    lesion = lesion_mask(sample.masks, size, resize)
+    lesion = load_mask(sample.masks, sample.path, size, resize)
     dilated = ndimage.binary_dilation(lesion, iterations=4) if lesion.any() else lesion
     return {"original": img,
             "overlays_removed": img if info.config.clean_overlays else to_square(remove_overlays(gray), size, resize),

@@ -21,7 +21,8 @@ from .errors import OptionError, SonocadError
 from .io import ensure_writable_dir
 from .metrics import choose_thresholds, fit_temperature
 from .models import Classifier, count_parameters, fold_batchnorm, save_model
-from .predictor import predict_images
+from .explain import explanation_metrics, gallery_section
+from .predictor import Predictor, predict_images
 from .prepare import (Prepared, Split, check_same_data, data_record, data_summary, decode_split, decode_task,
                       find_task, hold_out_test, split_train_val, write_data_record)
 from .results import score_predictions, write_evaluation
@@ -57,13 +58,19 @@ def train_and_evaluate(model: Classifier, info: RunInfo, train: Split, val: Spli
         info.thresholds = choose_thresholds(val.y, val_prob[:, 1])
     info.save(out / "config.json")
     metrics = score_predictions(test.y, test_prob, info)
+    predictor = Predictor(info, [(fast, pipeline)])
+    with_masks = [i for i, s in enumerate(test.samples) if s.masks]
+    if with_masks:
+        metrics["explanation"] = explanation_metrics(predictor, test.images[with_masks],
+                                                     [test.samples[i] for i in with_masks], test.y[with_masks])
     metrics["timing_seconds"] = {"data": round(t_data, 1), "phase1_head": round(trainer.seconds["head"], 1),
                                  "phase2_finetune": round(trainer.seconds["finetune"], 1)}
     metrics["timing_seconds"]["total"] = round(sum(metrics["timing_seconds"].values()), 1)
     metrics["precision"] = precision.name
     metrics["parameters"] = count_parameters(model)
     metrics["data"] = info.data
-    write_evaluation(out, metrics, test.samples, test.y, test_prob, info, trainer.log)
+    gallery = gallery_section(predictor, test.images, test.y, test_prob, test.samples)
+    write_evaluation(out, metrics, test.samples, test.y, test_prob, info, trainer.log, extra_sections=[gallery] if gallery else None)
     rundir.finish(out, list(RUN_FILES))
     return metrics
 

@@ -168,3 +168,26 @@ def load_many(paths: list[str], size: int, resize: str = "pad", skip_bad: bool =
     good = [i for i, (a, _) in enumerate(results) if a is not None]
     arr = np.stack([results[i][0] for i in good]) if good else np.zeros((0, size, size), np.uint8)
     return arr, good, problems
+
+
+def load_mask(mask_paths, image_path: str, size: int, resize: str = "pad") -> np.ndarray:
+    """Union of an image's lesion masks, resized like the image, as a boolean (size, size) array. A mask of
+    another size than its image is refused: it cannot be placed on it."""
+    from .dicom import is_dicom, split_ref
+
+    file = split_ref(image_path)[0]
+    image_size = None
+    if not is_dicom(file):
+        try:
+            with Image.open(file) as img:
+                image_size = img.size
+        except (OSError, ValueError, SyntaxError):
+            image_size = None       # the image's own problem is reported where it is decoded
+    out = np.zeros((size, size), bool)
+    for p in mask_paths:
+        m = load_gray(p)
+        if image_size is not None and m.size != image_size:
+            raise SonocadError(f"{p}: mask is {m.size[0]}x{m.size[1]} px, its image {file} is "
+                               f"{image_size[0]}x{image_size[1]} px")
+        out |= to_square(m, size, resize, resample=Image.NEAREST) > 127
+    return out

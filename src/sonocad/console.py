@@ -1,0 +1,44 @@
+"""What the command line prints: figures with their intervals, warnings; one line each."""
+from __future__ import annotations
+
+import sys
+
+
+def fmt(v) -> str:
+    """A figure for the terminal: 3 decimals, or n/a where the data do not define it."""
+    return "n/a" if v is None or v != v else f"{v:.3f}"
+
+
+def print_metrics(m: dict, where: str) -> None:
+    if "auc_ci" in m:
+        lo, hi = m["auc_ci"]
+        print(f"{where}: n={m['n']} {m['n_per_class']}  AUC {fmt(m['auc'])} (95% CI {fmt(lo)}-{fmt(hi)})  "
+              f"sensitivity {fmt(m['sensitivity'])}  specificity {fmt(m['specificity'])}  "
+              f"balanced accuracy {fmt(m['balanced_accuracy'])}  (threshold {m['threshold']:.2f})")
+    else:
+        print(f"{where}: n={m['n']}  macro AUC {fmt(m['auc'])}  accuracy {fmt(m['accuracy'])}  "
+              f"balanced accuracy {fmt(m['balanced_accuracy'])}")
+
+
+def warn_bad(bad: list[str]) -> None:
+    if bad:
+        print(f"warning: skipped {len(bad)} bad image(s):", file=sys.stderr)
+        for b in bad:
+            print(f"  {b}", file=sys.stderr)
+
+
+def print_explanation(m: dict) -> None:
+    e = m.get("explanation")
+    if e:
+        print(f"where the model looked (Grad-CAM, {e['n']} images with lesion masks): pointing game "
+              f"{fmt(e['pointing_game'])} (95% CI {fmt(e['pointing_game_ci'][0])}-{fmt(e['pointing_game_ci'][1])}, "
+              f"chance {fmt(e['pointing_game_chance'])}), energy in the mask {fmt(e['energy_in_mask'])} "
+              f"(95% CI {fmt(e['energy_in_mask_ci'][0])}-{fmt(e['energy_in_mask_ci'][1])}, chance "
+              f"{fmt(e['energy_in_mask_chance'])})")
+
+
+def print_fold_points(m: dict) -> None:
+    for name, op in m.get("fold_operating_points", {}).items():
+        if name != "default":
+            print(f"  at each fold's {name} threshold (chosen on its validation data): sensitivity "
+                  f"{op['sensitivity']:.3f}, specificity {op['specificity']:.3f}")
