@@ -91,7 +91,7 @@ def predict_paths(run: str | Path, inputs: list[str | Path], skip_bad: bool = Fa
         images, good, bad = predictor.decode(chunk, skip_bad)
         probs = predictor.predict_proba(images, batch_size)
         pictures = (write_pictures(predictor, [chunk[i] for i in good], images, heatmaps, start=len(rows),
-                                   with_masks=False, probs=probs) if heatmaps is not None else [{}] * len(good))
+                                   with_masks=False, probs=probs, scale=1) if heatmaps is not None else [{}] * len(good))
         for i, p, pred, pic in zip(good, probs, predictor.decide(probs), pictures):
             rows.append({"path": chunk[i], **{f"prob_{c}": float(v) for c, v in zip(predictor.classes, p)},
                          "predicted": pred, **({"heatmap": pic["heatmap"]} if pic else {})})

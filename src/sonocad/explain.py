@@ -12,6 +12,8 @@ through autograd (the feature map is made a leaf, so frozen layers do not matter
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -190,12 +192,19 @@ def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, iterations=width) if mask.any() else mask
 
 
+@functools.lru_cache(maxsize=8)
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
 def render(image: np.ndarray, cam: np.ndarray, caption: str, mask: np.ndarray | None = None,
            scale: int = 2, alpha: float = 0.45):
     """A PIL picture: the scan as the model saw it with the heatmap over it (jet colours), the lesion outline
     (green) where a mask is known, and a caption line below."""
     from matplotlib import colormaps
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     gray = np.repeat(image[..., None].astype(np.float32), 3, -1)
     heat = colormaps["jet"](np.clip(cam, 0, 1))[..., :3] * 255
@@ -203,8 +212,9 @@ def render(image: np.ndarray, cam: np.ndarray, caption: str, mask: np.ndarray | 
     if mask is not None and mask.any():
         rgb[outline(mask, max(1, image.shape[0] // 112))] = (0, 255, 0)
     pic = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
-    pic = pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
-    font = ImageFont.load_default(size=max(10, pic.width // 28))
+    if scale != 1:
+        pic = pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
+    font = _font(max(10, pic.width // 28))
     bar = max(18, pic.width // 14)
     canvas = Image.new("RGB", (pic.width, pic.height + bar), (255, 255, 255))
     canvas.paste(pic, (0, 0))
@@ -284,7 +294,8 @@ def explanation_metrics(predictor, images: np.ndarray, samples: list, y: np.ndar
 
 
 def sibling_masks(path: str) -> tuple[str, ...]:
-    """Lesion masks stored beside an image the BUSI way: `<image>_mask.png`, `<image>_mask_1.png`, ..."""
+    """Lesion masks stored beside an image the BUSI way (`<image>_mask.png`, `<image>_mask_1.png`, ...) or the
+    BUS-BRA way (`Images/bus_X.png` and `Masks/mask_X.png`)."""
     import glob
     from pathlib import Path
 
@@ -293,6 +304,9 @@ def sibling_masks(path: str) -> tuple[str, ...]:
     p = Path(path)
     if not p.is_file():
         return ()
+    busbra = p.parent.parent / "Masks" / f"{p.stem.replace('bus_', 'mask_', 1)}{p.suffix}"
+    if p.parent.name == "Images" and p.stem.startswith("bus_") and busbra.is_file():
+        return (str(busbra),)
     found = []
     for m in p.parent.glob(f"{glob.escape(p.stem)}_mask*"):
         hit = MASK_RE.match(m.stem)
@@ -311,7 +325,7 @@ def picture_name(index: int, path: str) -> str:
 
 
 def write_pictures(predictor, paths: list[str], images: np.ndarray, out, start: int = 0, target=None,
-                   with_masks: bool = True, probs: np.ndarray | None = None) -> list[dict]:
+                   with_masks: bool = True, probs: np.ndarray | None = None, scale: int = 2) -> list[dict]:
     """Heatmap pictures of decoded images into folder `out` (one forward pass each); returns a row per image:
     path, picture, the single-view probabilities, and the agreement with the lesion where a mask is beside it."""
     from pathlib import Path
@@ -326,8 +340,8 @@ def write_pictures(predictor, paths: list[str], images: np.ndarray, out, start: 
         masks = sibling_masks(path) if with_masks else ()
         mask = load_mask(masks, path, image.shape[-1], predictor.info.config.resize) if masks else None
         name = picture_name(start + k, path)
-        with atomic_path(Path(out) / name) as tmp:
-            render(image, cam, caption(predictor, p), mask).save(tmp, "PNG")
+        with atomic_path(Path(out) / name, fsync=False) as tmp:     # a picture, not a run's file
+            render(image, cam, caption(predictor, p), mask, scale).save(tmp, "PNG", compress_level=1)
         row = {"path": path, "heatmap": name}
         if mask is not None:
             agree = lesion_agreement(cam[None], mask[None])
