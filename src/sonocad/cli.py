@@ -104,7 +104,7 @@ def cmd_evaluate(a) -> None:
     from .evaluate import evaluate_run
 
     m = evaluate_run(a.run, a.data if len(a.data) > 1 else a.data[0], a.out, skip_bad=a.skip_bad,
-                     precision=a.precision, shortcut=a.shortcut_check)
+                     precision=a.precision, shortcut=a.shortcut_check, engine=a.engine)
     warn_bad(m["data"].get("skipped_bad_images", []))
     print_metrics(m, "evaluation")
     warn_bad(m.get("shortcut_check", {}).get("skipped_bad_images", []))
@@ -134,7 +134,8 @@ def cmd_predict(a) -> None:
             raise OptionError("csv", f"{a.csv}: {e.strerror or e}") from None
         refuse_writing_into_runs(a.csv, [a.run], "csv")
         ensure_writable_dir(Path(a.csv).parent, "csv")
-    rows = predict_paths(a.run, a.inputs, skip_bad=a.skip_bad, precision=a.precision, heatmaps=a.heatmaps)
+    rows = predict_paths(a.run, a.inputs, skip_bad=a.skip_bad, precision=a.precision, heatmaps=a.heatmaps,
+                         engine=a.engine)
     errors = [r for r in rows if "error" in r]
     rows = [r for r in rows if "error" not in r]
     warn_bad([r["error"] for r in errors])
@@ -167,6 +168,14 @@ def cmd_explain(a) -> None:
     agree = (f"; the heatmap's maximum on the lesion (pointing game) in {sum(hits)} of {len(hits)} with a mask"
              if hits else "")
     print(f"wrote {len(done)} heatmap(s) and explanations.csv to {a.out}{agree}")
+
+
+def cmd_export(a) -> None:
+    from .export import export_onnx
+
+    r = export_onnx(a.run, a.out, int8=a.int8, calibration=a.calibration)
+    print(f"wrote {r['path']} ({r['bytes'] / 2**20:.1f} MiB, {'int8' if r['int8'] else 'fp32'}, input "
+          f"{r['input_size']} px; run it with: sonocad predict {r['path']} IMAGES)")
 
 
 def cmd_cv(a) -> None:
@@ -280,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
+                   help="torch: the run's PyTorch model; onnx: a file written by sonocad export (auto: by RUN)")
     p.add_argument("--shortcut-check", action="store_true",
                    help="also predict with overlays removed and with the lesion hidden (smooth fill, tissue "
                    "texture, a textured box over its outline); needs lesion masks")
@@ -290,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--csv", help="write the predictions to this CSV instead of standard output")
     p.add_argument("--heatmaps", metavar="DIR", help="also write a Grad-CAM picture of each image into DIR")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
+                   help="torch: the run's PyTorch model; onnx: a file written by sonocad export (auto: by RUN)")
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.set_defaults(func=cmd_predict)
@@ -303,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("export", help="the run's model as one ONNX file, with its preprocessing in the metadata")
+    p.add_argument("run")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--int8", action="store_true", help="static int8 (QDQ, per channel), calibrated on training images")
+    p.add_argument("--calibration", help="images to calibrate int8 on (default: the run's training data)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("synth", help="write a synthetic B-mode phantom dataset (demo and test data)")
     p.add_argument("out")

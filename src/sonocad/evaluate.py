@@ -17,6 +17,7 @@ from .data.dicom import frame_refs
 from .data.discover import image_files
 from .errors import OptionError, SonocadError, SonocadWarning
 from .explain import explanation_metrics, write_pictures
+from .export import load_onnx
 from .io import ensure_writable_dir
 from .rundir import RunLock, finish, prepare_output, refuse_writing_into_runs, remove, swap_in
 from .metrics import delong_test
@@ -24,12 +25,29 @@ from .predictor import Predictor
 from .results import score_predictions, write_evaluation
 
 
+def load(run: str | Path, precision: str = "auto", engine: str = "auto") -> Predictor:
+    """A run directory or cv folder (PyTorch), or a file written by `sonocad export` (ONNX Runtime)."""
+    onnx_file = str(run).endswith(".onnx")
+    if engine not in ("auto", "torch", "onnx"):
+        raise OptionError("engine", f"must be auto, torch or onnx, not {engine!r}")
+    if engine == "onnx" and not onnx_file:
+        raise OptionError("engine", f"onnx runs a file written by sonocad export (RUN.onnx), not {run}; export it "
+                          f"first: sonocad export {run} --out model.onnx")
+    if onnx_file:
+        if engine == "torch":
+            raise OptionError("engine", f"{run} is an ONNX file: it runs with the onnx engine")
+        if not Path(run).is_file():
+            raise SonocadError(f"{run}: no such ONNX file")
+        return load_onnx(run)
+    return Predictor.load(run, precision)
+
+
 def _source(data) -> str | list[str]:
     return [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data)
 
 
 def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
-                 precision: str = "auto", shortcut: bool = False) -> dict:
+                 precision: str = "auto", shortcut: bool = False, engine: str = "auto") -> dict:
     """Evaluate a trained run on another dataset, using the run's classes and ignoring other classes.
     `shortcut=True` adds the shortcut check (overlays removed, lesion masked out) on images with masks."""
     refuse_writing_into_runs(out, [run], "out")
@@ -38,7 +56,7 @@ def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
         # always built beside and swapped in: a kill leaves the earlier evaluation, or none, never half of one
         work = ensure_writable_dir(prepare_output(out, allowed_kind="evaluate", in_place=False))
         try:
-            metrics = _evaluate(run, data, work, skip_bad, precision, shortcut)
+            metrics = _evaluate(run, data, work, skip_bad, precision, shortcut, engine)
             finish(work, ["metrics.json", "predictions.csv", "report.html"], kind="evaluate")
         except BaseException:
             remove(work)
@@ -47,8 +65,8 @@ def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
     return metrics
 
 
-def _evaluate(run, data, out: Path, skip_bad: bool, precision: str, shortcut: bool) -> dict:
-    predictor = Predictor.load(run, precision)
+def _evaluate(run, data, out: Path, skip_bad: bool, precision: str, shortcut: bool, engine: str) -> dict:
+    predictor = load(run, precision, engine)
     info = predictor.info
     samples = discover(data, info.classes, allow_missing_classes=True, frames=info.config.frames)
     images, samples, y, bad = predictor.decode_samples(samples, skip_bad)
@@ -60,7 +78,7 @@ def _evaluate(run, data, out: Path, skip_bad: bool, precision: str, shortcut: bo
     metrics = score_predictions(y, probs, info)
     metrics["data"] = {"source": _source(data), "run": str(run), "skipped_bad_images": bad}
     with_masks = [i for i, s in enumerate(samples) if s.masks]
-    if with_masks:       # where the model looked, against the lesion masks the data ship
+    if with_masks and hasattr(predictor.members[0][0], "backbone"):       # where the model looked, against the lesion masks the data ship
         metrics["explanation"] = explanation_metrics(predictor, images[with_masks], [samples[i] for i in with_masks],
                                                      y[with_masks])
     sections = []
@@ -75,11 +93,15 @@ def _evaluate(run, data, out: Path, skip_bad: bool, precision: str, shortcut: bo
 
 
 def predict_paths(run: str | Path, inputs: list[str | Path], skip_bad: bool = False,
-                  precision: str = "auto", batch_size: int = 64, heatmaps: str | Path | None = None) -> list[dict]:
+                  precision: str = "auto", batch_size: int = 64, heatmaps: str | Path | None = None,
+                  engine: str = "auto") -> list[dict]:
     """Per-image class probabilities and predicted class for image files and folders (rows in input order;
     with `skip_bad`, an unreadable image gives a row with its `error` instead). With `heatmaps`, also a
-    Grad-CAM picture of each image in that folder (one more forward pass per image; its name in the row)."""
-    predictor = Predictor.load(run, precision)
+    Grad-CAM picture of each image in that folder (one more forward pass per image; its name in the row).
+    `engine`: "onnx" (or a .onnx file as `run`) runs a model written by sonocad export with ONNX Runtime."""
+    predictor = load(run, precision, engine)
+    if heatmaps is not None and not hasattr(predictor.members[0][0], "backbone"):
+        raise OptionError("heatmaps", "Grad-CAM needs the PyTorch model: give the run directory, not an ONNX file")
     if heatmaps is not None:
         refuse_writing_into_runs(heatmaps, [run], "heatmaps")
         heatmaps = ensure_writable_dir(heatmaps, "heatmaps")
