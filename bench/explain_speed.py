@@ -33,16 +33,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def setup(doc: str, argv, images: int) -> argparse.Namespace:
+    """RUN, --images, --repeats; the allocator tuned as the sonocad command tunes it; the machine printed."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
-    ap.add_argument("--images", type=int, default=100)
+    ap.add_argument("--images", type=int, default=images)
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
     tune_allocator()
     import torch
 
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads; run {a.run}", flush=True)
+    return a
+
+
+def main(argv=None) -> int:
+    a = setup(__doc__, argv, 100)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "scans"
         what = write_folder(folder, a.images)

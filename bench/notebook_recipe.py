@@ -12,7 +12,7 @@ Without it the script says so and times the two sonocad recipes only.
 
 What one "epoch" is here, for all three: one pass of training over the same --images images (batch 8
 for the notebook and `--recipe notebook`, 32 for the default recipe), then a prediction over the same
---val validation images. sonocad's figure is one phase-2 epoch of sonocad.train.Trainer (top 2 blocks
+--val validation images. sonocad's figure is one phase-2 epoch of sonocad.trainer.Trainer (top 2 blocks
 unfrozen; on-the-fly augmentation in the default recipe, none in the notebook recipe), as log.csv
 records it. The notebook recipe's 7 offline copies are switched off here so that every recipe sees the
 same images; with them its real epochs are 8x as long. Each is timed after a short untimed warm-up

@@ -9,7 +9,6 @@ runs it (BatchNorm folded, bf16 autocast on CPUs with native bf16), ONNX Runtime
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 import tempfile
@@ -17,14 +16,13 @@ import time
 from pathlib import Path
 
 from cpumeter import CpuMeter  # noqa: E402
-from explain_speed import cpu_name  # noqa: E402
+from explain_speed import setup  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import numpy as np  # noqa: E402
 
-from sonocad.allocator import tune_allocator  # noqa: E402
 from sonocad.evaluate import load  # noqa: E402
 from sonocad.explain import heatmaps  # noqa: E402
 from sonocad.export import export_onnx  # noqa: E402
@@ -42,15 +40,7 @@ def best(fn, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run")
-    ap.add_argument("--images", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
-    a = ap.parse_args(argv)
-    tune_allocator()
-    import torch
-
-    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads; run {a.run}", flush=True)
+    a = setup(__doc__, argv, 256)
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = Path(tmp) / "m.onnx", Path(tmp) / "m8.onnx"
         export_onnx(a.run, fp32)

@@ -90,7 +90,13 @@ def _quantize(path: Path, predictor: Predictor, calibration, n: int) -> None:
     source = calibration or predictor.info.data.get("source")
     if not source:
         raise OptionError("calibration", "the run does not record its training data; give --calibration DATA")
-    samples = discover(source, predictor.classes, allow_missing_classes=True)
+    try:
+        samples = discover(source, predictor.classes, allow_missing_classes=True)
+    except SonocadError as e:
+        if calibration:
+            raise
+        raise OptionError("calibration", f"the run's training data cannot be read from here ({e}); give "
+                          "--calibration DATA") from None
     rng = np.random.default_rng(0)
     picked = [samples[i].path for i in sorted(rng.choice(len(samples), min(n, len(samples)), replace=False))]
     images = predictor.decode(picked, skip_bad=True)[0]
