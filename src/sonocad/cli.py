@@ -15,8 +15,8 @@ import warnings
 from pathlib import Path
 
 from .config import PRECISIONS
-from .console import print_explanation, print_fold_points, print_metrics, warn_bad
-from .errors import OptionError, SonocadError, SonocadWarning
+from .console import print_explanation, print_fold_points, print_metrics, show_warning, warn_bad
+from .errors import OptionError, SonocadError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -234,6 +234,12 @@ def cmd_dedup(a) -> None:
         print(f"wrote {out / 'duplicates.csv'} and {out / 'duplicates.json'} (every group and linked pair)")
 
 
+def cmd_serve(a) -> None:
+    from .serve import serve
+
+    serve(a.run, a.host, a.port, a.precision)
+
+
 def cmd_synth(a) -> None:
     from .data.synth import write_phantom_set
 
@@ -324,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="images to calibrate int8 on (default: the run's training data)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("serve", help="one scan in a browser, and a JSON API (research tool, not a diagnostic device)")
+    p.add_argument("run", help="a run directory, a cv folder or an exported .onnx file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("synth", help="write a synthetic B-mode phantom dataset (demo and test data)")
     p.add_argument("out")
     p.add_argument("--n", type=int, default=200)
@@ -341,21 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show_warning(message, category, *args, **kwargs) -> None:
-    if issubclass(category, SonocadWarning):
-        print(f"sonocad: warning: {message}", file=sys.stderr)
-    else:
-        _python_showwarning(message, category, *args, **kwargs)
-
-
-_python_showwarning = warnings.showwarning
-
-
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):      # file names that are not UTF-8 print (escaped) instead of failing
             stream.reconfigure(errors="backslashreplace")
-    saved, warnings.showwarning = warnings.showwarning, _show_warning
+    saved, warnings.showwarning = warnings.showwarning, show_warning
     _TRAINING.clear()
     try:
         return _run(argv)
@@ -386,7 +389,3 @@ def _run(argv: list[str] | None) -> int:
             print("sonocad: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

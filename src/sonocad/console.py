@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import sys
+import warnings
+
+from .errors import SonocadWarning
+
+_python_showwarning = warnings.showwarning
 
 
 def fmt(v) -> str:
@@ -42,3 +47,11 @@ def print_fold_points(m: dict) -> None:
         if name != "default":
             print(f"  at each fold's {name} threshold (chosen on its validation data): sensitivity "
                   f"{op['sensitivity']:.3f}, specificity {op['specificity']:.3f}")
+
+
+def show_warning(message, category, *args, **kwargs) -> None:
+    """warnings.showwarning for the command line: sonocad's warnings as one line each."""
+    if issubclass(category, SonocadWarning):
+        print(f"sonocad: warning: {message}", file=sys.stderr)
+    else:
+        _python_showwarning(message, category, *args, **kwargs)

@@ -67,28 +67,31 @@ def frame_refs(path: str, frames: str = "first") -> list[str]:
     return [frame_ref(path, n // 2)] if frames == "middle" else [frame_ref(path, k) for k in range(n)]
 
 
-def _dataset(path: str, header_only: bool = False):
+def _dataset(path, header_only: bool = False, name: str | None = None):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    label = name or str(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
                 ds = pydicom.dcmread(path, force=False, stop_before_pixels=header_only)
             except InvalidDicomError:
-                if not str(path).lower().endswith(tuple(DICOM_SUFFIXES)):
+                if not label.lower().endswith(tuple(DICOM_SUFFIXES)):
                     raise
+                if hasattr(path, "seek"):
+                    path.seek(0)
                 ds = pydicom.dcmread(path, force=True, stop_before_pixels=header_only)   # no 128-byte preamble
             if header_only:
                 return ds
             ds.get("PixelData")                             # parses up to the pixels: truncation shows here
     except InvalidDicomError:
-        raise SonocadError(f"{path}: not a DICOM file") from None
+        raise SonocadError(f"{label}: not a DICOM file") from None
     except Exception as e:
-        raise SonocadError(f"{path}: corrupt or truncated DICOM file ({e.__class__.__name__})") from None
+        raise SonocadError(f"{label}: corrupt or truncated DICOM file ({e.__class__.__name__})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise SonocadError(f"{path}: DICOM file holds no pixel data (not an image)")
+        raise SonocadError(f"{label}: DICOM file holds no pixel data (not an image)")
     return ds
 
 
@@ -163,10 +166,13 @@ def ultrasound_region(ds, shape: tuple[int, int]) -> tuple[int, int, int, int] |
     return best
 
 
-def read_dicom(path: str, frame: int = 0, crop: bool = True, max_pixels: int | None = None) -> Image.Image:
-    """Frame `frame` of a DICOM file as an 8-bit gray PIL image, cropped to its ultrasound region (when the
-    file declares one and `crop`). Frames over `max_pixels` are refused before decoding."""
-    ds = _dataset(path)
+def read_dicom(path, frame: int = 0, crop: bool = True, max_pixels: int | None = None,
+               name: str | None = None) -> Image.Image:
+    """Frame `frame` of a DICOM file (a path or a file object; `name` names it in errors) as an 8-bit gray PIL
+    image, cropped to its ultrasound region (when the file declares one and `crop`). Frames over `max_pixels`
+    are refused before decoding."""
+    ds = _dataset(path, name=name)
+    path = name or path
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError):

@@ -39,6 +39,21 @@ def _to_gray(img: Image.Image) -> Image.Image:
     return img.convert("L")
 
 
+def decode_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An uploaded file's bytes (an image PIL reads, or DICOM) as an 8-bit gray PIL image, decoded in memory;
+    errors name the file as `name`, like load_gray's."""
+    import io
+
+    from .dicom import DICOM_SUFFIXES, read_dicom
+
+    if data[128:132] == b"DICM" or name.lower().endswith(tuple(DICOM_SUFFIXES)):
+        img = read_dicom(io.BytesIO(data), max_pixels=max_pixels, name=name)
+        if min(img.size) < MIN_SIDE:
+            raise SonocadError(f"{name}: image is {img.size[0]}x{img.size[1]} px, under the minimum of {MIN_SIDE} px")
+        return img
+    return _pil_gray(io.BytesIO(data), name, max_pixels)
+
+
 def load_gray(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open `path` as an 8-bit grayscale PIL image (EXIF rotation applied, first frame only).
     Raises SonocadError with the file name for anything that is not a usable image."""
@@ -57,9 +72,21 @@ def load_gray(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
                 raise SonocadError(f"{path}: image is {img.size[0]}x{img.size[1]} px, under the minimum of "
                                    f"{MIN_SIDE} px")
             return img
+    except SonocadError:
+        raise
+    except FileNotFoundError:
+        raise SonocadError(f"{path}: file not found") from None
+    except (IsADirectoryError, PermissionError, OSError) as e:
+        raise SonocadError(f"{path}: cannot read ({e.strerror or e})") from None
+    return _pil_gray(path, path, max_pixels)
+
+
+def _pil_gray(source, path: str, max_pixels: int) -> Image.Image:
+    """`source` (a path or a file object) decoded by PIL; `path` names it in errors."""
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 w, h = img.size
                 if w * h > max_pixels:
                     raise SonocadError(f"{path}: image of {w}x{h} pixels is over the limit of {max_pixels:,} "
