@@ -9,10 +9,8 @@ requests, a timeout each; traffic goes to 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,24 +31,12 @@ def main(argv=None) -> int:
     ap.add_argument("--in-flight", type=int, default=8)
     a = ap.parse_args(argv)
     import httpx
-    import uvicorn
 
     from sonocad.allocator import tune_allocator
-    from sonocad.serve import create_app
+    from sonocad.serve import create_app, serve_in_background
 
     tune_allocator()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(a.run), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    url, server = serve_in_background(create_app(a.run))
     with tempfile.TemporaryDirectory() as tmp:
         what = write_folder(Path(tmp) / "scans", 50)
         files = sorted((Path(tmp) / "scans").iterdir())

@@ -1,8 +1,5 @@
 """The page in a real browser: Playwright driving Debian's chromium (never a browser Playwright downloads)."""
 import shutil
-import socket
-import threading
-import time
 
 import pytest
 
@@ -12,27 +9,11 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def server(tiny_run):
-    import httpx
-    import uvicorn
+    from sonocad.serve import create_app, serve_in_background
 
-    from sonocad.serve import create_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(tiny_run), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
+    url, srv = serve_in_background(create_app(tiny_run))
     yield url
     srv.should_exit = True
-    thread.join(timeout=10)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")

@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import OptionError, SonocadError
 from .io import atomic_path
+from .models import probabilities
 from .predictor import Predictor
 from .rundir import refuse_writing_into_runs
 
@@ -148,11 +149,7 @@ class OnnxModel(nn.Module):
         return torch.from_numpy(self.session.run(None, {"image": x.float().contiguous().numpy()})[0])
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float() / self.temperature
-        if self.num_outputs == 1:
-            p = torch.sigmoid(logits[:, 0])
-            return torch.stack([1 - p, p], dim=1)
-        return torch.softmax(logits, dim=1)
+        return probabilities(logits, self.temperature, self.num_outputs)
 
 
 def load_onnx(path: str | Path) -> Predictor:

@@ -45,11 +45,17 @@ class Classifier(nn.Module):
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Class probabilities (N, num_classes) from logits, for binary and multi-class heads alike."""
-        logits = logits.float() / self.temperature.float().cpu()
-        if self.num_outputs == 1:
-            p = torch.sigmoid(logits[:, 0])
-            return torch.stack([1 - p, p], dim=1)
-        return torch.softmax(logits, dim=1)
+        return probabilities(logits, self.temperature, self.num_outputs)
+
+
+def probabilities(logits: torch.Tensor, temperature: torch.Tensor, num_outputs: int) -> torch.Tensor:
+    """Class probabilities (N, num_classes) from logits scaled by a temperature: sigmoid of one logit (the
+    positive class last), or softmax of several."""
+    logits = logits.float() / temperature.float().cpu()
+    if num_outputs == 1:
+        p = torch.sigmoid(logits[:, 0])
+        return torch.stack([1 - p, p], dim=1)
+    return torch.softmax(logits, dim=1)
 
 
 def _unknown_model(name: str) -> OptionError:

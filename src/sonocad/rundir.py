@@ -107,9 +107,10 @@ def state(path: str | os.PathLike) -> str:
     return "other"
 
 
-def check_finished(run: str | os.PathLike) -> dict[str, str]:
+def check_finished(run: str | os.PathLike, unchecked: tuple[str, ...] = ()) -> dict[str, str]:
     """The committed files' hashes of a finished run ({} for one written before run.json existed); refuses a
-    run that is unfinished, or whose committed files changed since (a hand edit, a half-done replacement)."""
+    run that is unfinished, or whose committed files changed since (a hand edit, a half-done replacement).
+    Files named in `unchecked` are left for the caller to check (it has their bytes)."""
     run = Path(run)
     if kind(run) is None:
         if (run / MARKER).exists():
@@ -120,11 +121,16 @@ def check_finished(run: str | os.PathLike) -> dict[str, str]:
         return {}      # not a run at all: the caller says what is missing
     m = _marker(run)
     files = m["files"] if m else {}
-    changed = [n for n, digest in files.items() if not (run / n).is_file() or _sha256((run / n).read_bytes()) != digest]
+    changed = [n for n, digest in files.items() if n not in unchecked
+               and (not (run / n).is_file() or _sha256((run / n).read_bytes()) != digest)]
     if changed:
-        raise SonocadError(f"{run}: {', '.join(changed)} changed after the run finished; this is not the run "
-                           "sonocad wrote (train it again, or restore its files)")
+        raise _changed(run, changed)
     return files
+
+
+def _changed(run: Path, names: list[str]) -> SonocadError:
+    return SonocadError(f"{run}: {', '.join(names)} changed after the run finished; this is not the run sonocad "
+                        "wrote (train it again, or restore its files)")
 
 
 def read_finished(run: str | os.PathLike, names: list[str]) -> dict[str, bytes]:
@@ -133,16 +139,20 @@ def read_finished(run: str | os.PathLike, names: list[str]) -> dict[str, bytes]:
     run = Path(run)
     for _ in range(5):
         before = (run / MARKER).read_bytes() if (run / MARKER).is_file() else b""
-        files = check_finished(run)
+        files = check_finished(run, unchecked=tuple(names))
         try:
             data = {n: (run / n).read_bytes() for n in names}
         except FileNotFoundError:
             data = None
         after = (run / MARKER).read_bytes() if (run / MARKER).is_file() else b""
-        if data is not None and before == after and all(_sha256(data[n]) == files[n] for n in names if n in files):
-            return data
-        if data is None and before == after:
+        if before != after:
+            continue                                 # a new run was swapped in meanwhile: read again
+        if data is None:
             break
+        changed = [n for n in names if n in files and _sha256(data[n]) != files[n]]
+        if changed:
+            raise _changed(run, changed)
+        return data
     missing = [n for n in names if not (run / n).is_file()]
     if missing:
         raise SonocadError(f"{run}: {', '.join(missing)} missing; is this a sonocad run directory?")

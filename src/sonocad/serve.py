@@ -25,7 +25,7 @@ from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from .data.images import decode_bytes, remove_overlays, to_square
+from .data.images import decode_bytes, square_gray
 from .errors import SonocadError
 from .evaluate import load
 from .explain import caption, heatmaps, render
@@ -56,9 +56,8 @@ def analyse(predictor, data: bytes, name: str) -> dict:
     """Probabilities (the run's test-time views), the decision at each operating point and a heatmap picture
     (PNG, base64) for one uploaded scan."""
     cfg = predictor.info.config
-    gray = decode_bytes(data, name)
-    image = np.array(to_square(remove_overlays(gray) if cfg.clean_overlays else gray, predictor.info.img_size,
-                               cfg.resize))[None]
+    image = np.array(square_gray(decode_bytes(data, name), predictor.info.img_size, cfg.resize,
+                                 cfg.clean_overlays))[None]
     probs = predictor.predict_proba(image)[0]
     out = {"name": name, "probabilities": {c: float(p) for c, p in zip(predictor.classes, probs)},
            "predicted": predictor.decide(probs[None])[0], "notice": DISCLAIMER}
@@ -120,6 +119,32 @@ def create_app(run: str | Path, precision: str = "auto", max_bytes: int = MAX_BY
             return error(413 if "over the limit" in message or "decompression bomb" in message else 415, message)
 
     return app
+
+
+def serve_in_background(app, wait: float = 30.0):
+    """Serve `app` on a free port of 127.0.0.1 in a daemon thread (for tests and benchmarks); returns (url,
+    server) once /healthz answers; set `server.should_exit = True` to stop it."""
+    import socket
+    import time
+    import urllib.request
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return url, server
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"the server on {url} did not answer within {wait:.0f} s")
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, precision: str = "auto") -> None:

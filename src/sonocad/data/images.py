@@ -167,10 +167,14 @@ def to_square(img: Image.Image, size: int, resize: str = "pad", resample=Image.B
     return np.asarray(canvas)
 
 
+def square_gray(img: Image.Image, size: int, resize: str = "pad", clean_overlays: bool = False) -> np.ndarray:
+    """A decoded gray image as the model takes it: overlays painted over (if asked), resized to size x size."""
+    return to_square(remove_overlays(img) if clean_overlays else img, size, resize)
+
+
 def load_square(path: str, size: int, resize: str = "pad", max_pixels: int = MAX_PIXELS,
                 clean_overlays: bool = False) -> np.ndarray:
-    img = load_gray(path, max_pixels)
-    return to_square(remove_overlays(img) if clean_overlays else img, size, resize)
+    return square_gray(load_gray(path, max_pixels), size, resize, clean_overlays)
 
 
 def load_many(paths: list[str], size: int, resize: str = "pad", skip_bad: bool = False,
