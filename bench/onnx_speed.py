@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import numpy as np  # noqa: E402
 
 from sonocad.evaluate import load  # noqa: E402
-from sonocad.explain import heatmaps  # noqa: E402
+from sonocad.explain import explained_views  # noqa: E402
 from sonocad.export import export_onnx  # noqa: E402
 from sonocad.infer import run_batches  # noqa: E402
 from sonocad.metrics import delong_auc_ci  # noqa: E402
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
             print(f"single view, {name}: {a.images / t:.0f} img/s", flush=True)
         one = images[:1]
         p = engines["pytorch"]
-        t = best(lambda: (p.predict_proba(one), heatmaps(p, one)), 5)
+        t = best(lambda: explained_views(p, one), 5)
         print(f"one scan, six views + heatmap, pytorch: {1000 * t:.0f} ms")
         t = best(lambda: engines["onnx fp32"].predict_proba(one), 5)
         print(f"one scan, six views, onnx fp32: {1000 * t:.0f} ms")

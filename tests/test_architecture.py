@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sonocad.cli import _config, build_parser
+from sonocad.cli import build_parser
+from sonocad.commands import _config
 from sonocad.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -88,7 +88,8 @@ def test_fuzzed_option_values(option, value, extra):
     round trip through config.json."""
     import json
 
-    from sonocad.cli import _config, build_parser
+    from sonocad.cli import build_parser
+    from sonocad.commands import _config
     from sonocad.config import TrainConfig
 
     try:

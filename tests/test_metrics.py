@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+
+from sonocad.operating import choose_thresholds
 from scipy import stats
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
@@ -13,7 +15,6 @@ from sonocad.metrics import (
     binary_metrics,
     bootstrap_auc_ci,
     calibration,
-    choose_thresholds,
     delong_auc_ci,
     delong_test,
     fit_temperature,
@@ -213,13 +214,13 @@ def test_choose_thresholds_hand_example():
     y = np.r_[np.zeros(6), np.ones(5)]
     p = np.r_[neg, pos]
     # J at t=0.6: 4/5 - 0 = 0.8;  t=0.35: 1 - 2/6 = 0.667;  t=0.7: 3/5 = 0.6
-    t = choose_thresholds(y, p)
+    t = choose_thresholds(y, p, confidence=None)       # no margin: the target on these data
     assert t == {"default": 0.5, "youden": 0.6, "high_sensitivity": 0.35}
-    assert choose_thresholds(y, p, target_sensitivity=0.8)["high_sensitivity"] == 0.6
+    assert choose_thresholds(y, p, target_sensitivity=0.8, confidence=None)["high_sensitivity"] == 0.6
     # exactly reaching the target counts (3/5 = 0.6 at t = 0.7)
-    assert choose_thresholds(y, p, target_sensitivity=0.6)["high_sensitivity"] == 0.7
+    assert choose_thresholds(y, p, target_sensitivity=0.6, confidence=None)["high_sensitivity"] == 0.7
     for target in (0.6, 0.8, 0.95):
-        th = choose_thresholds(y, p, target_sensitivity=target)["high_sensitivity"]
+        th = choose_thresholds(y, p, target_sensitivity=target, confidence=None)["high_sensitivity"]
         assert binary_metrics(y, p, threshold=th, ci=None)["sensitivity"] >= target
     one_class = choose_thresholds(np.ones(4), [0.1, 0.2, 0.3, 0.4])
     assert one_class["default"] == 0.5 and math.isnan(one_class["youden"])

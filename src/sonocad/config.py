@@ -49,6 +49,8 @@ class TrainConfig:
     pretrained: bool = option(True, "start from ImageNet weights (--no-pretrained: random weights)")
     weights: str | None = option(None, "local backbone checkpoint (.safetensors or state dict) instead of the "
                                  "packaged or hub weights", metavar="PATH")
+    init: str | None = option(None, "start from a trained run's weights (a run directory, or a shipped model: "
+                              "bus-base) instead of ImageNet's", metavar="RUN")
     img_size: int | None = option(None, "input size in px (default: the backbone's pretrained size)")
     resize: str = option("pad", "pad: keep the aspect ratio (letterbox); stretch: the notebook's square resize",
                          choices=("pad", "stretch"))
@@ -108,6 +110,8 @@ class TrainConfig:
                 bad(f.name, f"must be {', '.join(choices[:-1])} or {choices[-1]}, not {getattr(self, f.name)!r}")
         if self.recipe not in RECIPES:
             bad("recipe", f"unknown recipe {self.recipe!r}; known: {', '.join(RECIPES)}")
+        if self.init is not None and self.weights is not None:
+            bad("init", "starts from a trained run's weights; it cannot be combined with --weights")
         if self.unfreeze != "all" and not (str(self.unfreeze).isdigit()):
             bad("unfreeze", f"must be a number of blocks or 'all', not {self.unfreeze!r}")
         self.unfreeze = str(self.unfreeze)
@@ -214,6 +218,8 @@ class RunInfo:
     std: list[float]
     data: dict = field(default_factory=dict)
     thresholds: dict = field(default_factory=dict)
+    # each operating point's figures on the data it was chosen on (operating.point_figures), and those data
+    operating_points: dict = field(default_factory=dict)
     temperature: float = 1.0
     version: str = ""
 
@@ -272,6 +278,9 @@ class RunInfo:
         if not (isinstance(self.thresholds, dict) and all(
                 t is None or (isinstance(t, (int, float)) and not isinstance(t, bool)) for t in self.thresholds.values())):
             return f"thresholds: need numbers, not {self.thresholds!r}"      # None / NaN: no such point
+        if not (isinstance(self.operating_points, dict)
+                and all(isinstance(v, (dict, str)) for v in self.operating_points.values())):
+            return "operating_points: need a table of figures per operating point"
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
                 and self.temperature > 0):
             return f"temperature: must be a positive number, not {self.temperature!r}"

@@ -20,6 +20,12 @@ def print_metrics(m: dict, where: str) -> None:
         print(f"{where}: n={m['n']} {m['n_per_class']}  AUC {fmt(m['auc'])} (95% CI {fmt(lo)}-{fmt(hi)})  "
               f"sensitivity {fmt(m['sensitivity'])}  specificity {fmt(m['specificity'])}  "
               f"balanced accuracy {fmt(m['balanced_accuracy'])}  (threshold {m['threshold']:.2f})")
+        hs = m.get("operating_points", {}).get("high_sensitivity", {})
+        if "promised_sensitivity" in hs:
+            print(f"  high-sensitivity point (threshold {hs['threshold']:.3f}): sensitivity {fmt(hs['sensitivity'])} "
+                  f"(95% CI {fmt(hs['sensitivity_ci'][0])}-{fmt(hs['sensitivity_ci'][1])}), promised >= "
+                  f"{fmt(hs['promised_sensitivity'])}: {'kept' if hs['promise_kept'] else 'NOT kept'}; specificity "
+                  f"{fmt(hs['specificity'])}")
     else:
         print(f"{where}: n={m['n']}  macro AUC {fmt(m['auc'])}  accuracy {fmt(m['accuracy'])}  "
               f"balanced accuracy {fmt(m['balanced_accuracy'])}")
@@ -45,8 +51,10 @@ def print_explanation(m: dict) -> None:
 def print_fold_points(m: dict) -> None:
     for name, op in m.get("fold_operating_points", {}).items():
         if name != "default":
+            promise = (f", promised >= {op['promised_sensitivity']:.3f}: {'kept' if op['promise_kept'] else 'NOT kept'}"
+                       if "promised_sensitivity" in op else "")
             print(f"  at each fold's {name} threshold (chosen on its validation data): sensitivity "
-                  f"{op['sensitivity']:.3f}, specificity {op['specificity']:.3f}")
+                  f"{op['sensitivity']:.3f}, specificity {op['specificity']:.3f}{promise}")
 
 
 def show_warning(message, category, *args, **kwargs) -> None:

@@ -99,6 +99,7 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
 
     oof = np.zeros((repeats, len(full.y), len(classes)))
     fold_thresholds: list[dict] = [{} for _ in full.y]      # each sample's fold's operating points (repeat 1)
+    promises: list = []                                      # each fold's promised sensitivity (repeat 1)
     fold_of = np.zeros((repeats, len(full.y)), int)
     ext_probs = []
     per_fold = []
@@ -124,7 +125,7 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
                 # the fold's own seed before its head is drawn: a fold trained again alone, or after a
                 # fresh instead of a cached duplicate search, starts where it started the first time
                 seed_everything(fold_cfg.seed)
-                model = build_model(fold_cfg, len(classes), precision)
+                model = build_model(fold_cfg, len(classes), precision, classes)
                 ensure_writable_dir(fold_dir)
                 if progress:
                     print(f"fold {k + 1}/{folds}" + (f" (repeat {r + 1})" if repeats > 1 else ""), flush=True)
@@ -142,6 +143,7 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
             if r == 0:
                 for i in held:
                     fold_thresholds[i] = info.thresholds or {}
+                promises.append((info.operating_points.get("high_sensitivity") or {}).get("promised_sensitivity"))
             if ext:
                 ext_probs.append(read_predictions(ext_csv, classes)[1])
             oof[r, held] = probs
@@ -162,7 +164,11 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
                                  for key in ("auc", "sensitivity", "specificity", "balanced_accuracy")
                                  if key in per_fold[0]}}
     if len(classes) == 2:
-        metrics["pooled"]["fold_operating_points"] = fold_operating_points(full.y, oof[0, :, 1], fold_thresholds)
+        points = metrics["pooled"]["fold_operating_points"] = fold_operating_points(full.y, oof[0, :, 1], fold_thresholds)
+        if "high_sensitivity" in points and promises and None not in promises:
+            # pooled, the folds' points should keep at least the weakest of their promises
+            points["high_sensitivity"].update(promised_sensitivity=min(promises),
+                                              promise_kept=bool(points["high_sensitivity"]["sensitivity"] >= min(promises)))
     if repeats > 1:
         metrics["pooled_per_repeat_auc"] = [score_predictions(full.y, oof[r], pooled_info)["auc"]
                                             for r in range(repeats)]

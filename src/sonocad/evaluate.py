@@ -22,11 +22,15 @@ from .io import ensure_writable_dir
 from .rundir import RunLock, finish, prepare_output, refuse_writing_into_runs, remove, swap_in
 from .metrics import delong_test
 from .predictor import Predictor
-from .results import score_predictions, write_evaluation
+from .zoo import resolve
+from .reader import reader_column, reader_scores, reader_section, score_reader
+from .results import data_source, score_predictions, write_evaluation
 
 
 def load(run: str | Path, precision: str = "auto", engine: str = "auto") -> Predictor:
-    """A run directory or cv folder (PyTorch), or a file written by `sonocad export` (ONNX Runtime)."""
+    """A run directory or cv folder (PyTorch), a shipped model's name, or a file written by `sonocad export`
+    (ONNX Runtime)."""
+    run = resolve(run)
     onnx_file = str(run).endswith(".onnx")
     if engine not in ("auto", "torch", "onnx"):
         raise OptionError("engine", f"must be auto, torch or onnx, not {engine!r}")
@@ -42,21 +46,20 @@ def load(run: str | Path, precision: str = "auto", engine: str = "auto") -> Pred
     return Predictor.load(run, precision)
 
 
-def _source(data) -> str | list[str]:
-    return [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data)
-
-
 def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
-                 precision: str = "auto", shortcut: bool = False, engine: str = "auto") -> dict:
+                 precision: str = "auto", shortcut: bool = False, engine: str = "auto",
+                 reader_score: str | None = None, reader_threshold: float = 4.0) -> dict:
     """Evaluate a trained run on another dataset, using the run's classes and ignoring other classes.
-    `shortcut=True` adds the shortcut check (overlays removed, lesion masked out) on images with masks."""
+    `shortcut=True` adds the shortcut check (overlays removed, lesion masked out) on images with masks.
+    `reader_score`: a manifest column of the readers' scores (BI-RADS), compared with the model on the same
+    images (sonocad.reader; BUS-BRA's BI-RADS by default where the data carry it, "none" to leave it out)."""
     refuse_writing_into_runs(out, [run], "out")
     with RunLock(out) as lock:
         out = lock.run
         # always built beside and swapped in: a kill leaves the earlier evaluation, or none, never half of one
         work = ensure_writable_dir(prepare_output(out, allowed_kind="evaluate", in_place=False))
         try:
-            metrics = _evaluate(run, data, work, skip_bad, precision, shortcut, engine)
+            metrics = _evaluate(run, data, work, skip_bad, precision, shortcut, engine, reader_score, reader_threshold)
             finish(work, ["metrics.json", "predictions.csv", "report.html"], kind="evaluate")
         except BaseException:
             remove(work)
@@ -65,10 +68,14 @@ def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
     return metrics
 
 
-def _evaluate(run, data, out: Path, skip_bad: bool, precision: str, shortcut: bool, engine: str) -> dict:
+def _evaluate(run, data, out: Path, skip_bad: bool, precision: str, shortcut: bool, engine: str,
+              reader_score: str | None, reader_threshold: float) -> dict:
     predictor = load(run, precision, engine)
     info = predictor.info
     samples = discover(data, info.classes, allow_missing_classes=True, frames=info.config.frames)
+    column = reader_column(samples, reader_score) if info.binary else None
+    if column:
+        reader_scores(samples, column)          # a bad column fails before the images are decoded
     images, samples, y, bad = predictor.decode_samples(samples, skip_bad)
     missing = [c for i, c in enumerate(info.classes) if not (y == i).any()]
     if missing:
@@ -76,19 +83,24 @@ def _evaluate(run, data, out: Path, skip_bad: bool, precision: str, shortcut: bo
                                      "every class are undefined (n/a); sensitivity or specificity alone remain"))
     probs = predictor.predict_proba(images)
     metrics = score_predictions(y, probs, info)
-    metrics["data"] = {"source": _source(data), "run": str(run), "skipped_bad_images": bad}
+    metrics["data"] = {"source": data_source(data), "run": str(run), "skipped_bad_images": bad}
     with_masks = [i for i, s in enumerate(samples) if s.masks]
     if with_masks and hasattr(predictor.members[0][0], "backbone"):       # where the model looked, against the lesion masks the data ship
         metrics["explanation"] = explanation_metrics(predictor, images[with_masks], [samples[i] for i in with_masks],
                                                      y[with_masks])
-    sections = []
+    extra = {}
+    if column:
+        scores = reader_scores(samples, column)
+        metrics["reader"] = score_reader(y, probs[:, 1], scores, column, reader_threshold)
+        extra[f"reader_{column}"] = [f"{v:g}" for v in scores]
+    sections = [reader_section(metrics["reader"])] if column else []
     if shortcut:
         from .shortcut import shortcut_check, shortcut_section
 
         metrics["shortcut_check"] = shortcut_check(predictor, data, skip_bad=skip_bad)
         sections.append(shortcut_section(metrics["shortcut_check"]))
     write_evaluation(out, metrics, samples, y, probs, info, title=f"sonocad evaluation of {run} on {data}",
-                     extra_sections=sections)
+                     extra_columns=extra, extra_sections=sections)
     return metrics
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SonocadError
+from .infer import tta_views
 from .metrics import wilson_ci
 
 
@@ -49,6 +50,18 @@ def _targets(target, n_out: int, logits: torch.Tensor) -> tuple[torch.Tensor, to
     return rows.long(), ones
 
 
+@torch.no_grad()
+def _closed_form_weights(model, feats: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM's channel weights (N, channels) for sonocad's head, and the logits, from fp32 feature maps."""
+    pooled = model.backbone.forward_head(feats, pre_logits=True)
+    lin1, lin2 = model.head[0], model.head[3]
+    z = lin1(pooled)
+    logits = lin2(torch.relu(z))
+    rows, sign = _targets(target, model.num_outputs, logits)
+    gate = (z > 0).float() * lin2.weight.float()[rows.to(z.device)] * sign.to(z.device)[:, None]
+    return gate @ lin1.weight.float() / (feats.shape[2] * feats.shape[3]), logits
+
+
 def gradcam(model, x: torch.Tensor, target="positive", method: str = "auto",
             autocast=None, relu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-CAM maps (N, h, w) on the last feature map, and the logits (N, outputs), for a batch `x`.
@@ -64,14 +77,7 @@ def gradcam(model, x: torch.Tensor, target="positive", method: str = "auto",
         feats = backbone.forward_features(x)
     feats = feats.float()
     if closed:
-        with torch.no_grad():
-            pooled = backbone.forward_head(feats, pre_logits=True)
-            lin1, lin2 = head[0], head[3]
-            z = lin1(pooled)
-            logits = lin2(torch.relu(z))
-            rows, sign = _targets(target, model.num_outputs, logits)
-            gate = (z > 0).float() * lin2.weight.float()[rows.to(z.device)] * sign.to(z.device)[:, None]
-            alpha = gate @ lin1.weight.float() / (feats.shape[2] * feats.shape[3])
+        alpha, logits = _closed_form_weights(model, feats, target)
     else:
         feats = feats.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -104,6 +110,31 @@ def heatmaps(predictor, images: np.ndarray, target="positive", batch_size: int =
     cams = torch.stack(maps).mean(0).numpy()
     top = cams.reshape(len(cams), -1).max(1) if len(cams) else np.zeros(0)
     cams = cams / np.maximum(top, 1e-12)[:, None, None]
+    return cams.astype(np.float32), torch.stack(probs).mean(0).numpy()
+
+
+def explained_views(predictor, images: np.ndarray, target="positive") -> tuple[np.ndarray, np.ndarray]:
+    """(heatmaps of the plain view, class probabilities over the run's test-time views) for a few uint8
+    images, as heatmaps() and predict_proba() give them, but from one forward pass per member: every view in
+    one batch, the heatmap from the plain view's feature maps (sonocad's head; other heads take two passes)."""
+    cfg = predictor.info.config
+    if not all(_closed_form_head(m.head) for m, _ in predictor.members):
+        return heatmaps(predictor, images, target)[0], predictor.predict_proba(images)
+    views = tta_views(cfg.tta, cfg.tta_zooms)      # the plain view comes first
+    n, size = len(images), images.shape[-1]
+    maps, probs = [], []
+    for model, pipeline in predictor.members:
+        x = torch.cat([pipeline(images, zoom=zoom, flip=flip) for zoom, flip in views])
+        with torch.no_grad(), pipeline.precision.autocast():
+            feats = model.backbone.forward_features(x)
+            logits = model.head(model.backbone.forward_head(feats, pre_logits=True)).float()   # = model(x)
+        plain = feats[:n].float()
+        alpha, _ = _closed_form_weights(model, plain, target)
+        cam = torch.relu((alpha[:, :, None, None] * plain).sum(1))
+        maps.append(F.interpolate(cam[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0].cpu())
+        probs.append(model.probabilities(logits.cpu().view(len(views), n, -1).mean(0)))
+    cams = torch.stack(maps).mean(0).numpy()
+    cams = cams / np.maximum(cams.reshape(n, -1).max(1), 1e-12)[:, None, None]
     return cams.astype(np.float32), torch.stack(probs).mean(0).numpy()
 
 

@@ -11,6 +11,7 @@ training images; never dynamically, which breaks depthwise CNNs).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
@@ -24,6 +25,7 @@ from .errors import OptionError, SonocadError
 from .io import atomic_path
 from .models import probabilities
 from .predictor import Predictor
+from .zoo import resolve
 from .rundir import refuse_writing_into_runs
 
 METADATA_KEY = "sonocad_run"
@@ -57,7 +59,7 @@ def export_onnx(run: str | Path, out: str | Path, int8: bool = False, calibratio
     out = Path(out)
     if out.suffix != ".onnx":
         raise OptionError("out", f"{out}: give a file name ending in .onnx")
-    refuse_writing_into_runs(out, [run], "out")
+    refuse_writing_into_runs(out, [resolve(run)], "out")
     predictor = Predictor.load(run, precision="fp32")
     if len(predictor.members) != 1:
         raise SonocadError(f"{run}: an ensemble of {len(predictor.members)} fold models; export one run (a fold)")
@@ -70,7 +72,7 @@ def export_onnx(run: str | Path, out: str | Path, int8: bool = False, calibratio
                                     dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}},
                                     input_names=["image"], output_names=["logits"])
     proto = program.model_proto
-    info = json.loads((Path(run) / "config.json").read_text())
+    info = dataclasses.asdict(predictor.info)
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(info), "sonocad_precision": "int8" if int8 else "fp32",
                                         "producer_note": "sonocad research tool, not a diagnostic device"})
     out.parent.mkdir(parents=True, exist_ok=True)

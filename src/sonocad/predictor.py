@@ -23,8 +23,9 @@ from .config import RunInfo
 from .data import load_many
 from .errors import SonocadError
 from .infer import InputPipeline, resolve_precision, run_batches
-from .models import Classifier, create_model, fold_batchnorm, safetensors_from_bytes
-from .rundir import kind, read_finished
+from .models import Classifier, fold_batchnorm, trained_model
+from .rundir import kind
+from .zoo import resolve
 
 # what the fold models of an ensemble must share
 PREPROCESSING = ("model", "resize", "clean_overlays", "tta", "tta_zooms")
@@ -33,23 +34,7 @@ PREPROCESSING = ("model", "resize", "clean_overlays", "tta", "tta_zooms")
 def load_run(run: str | Path, precision: str = "auto") -> tuple[RunInfo, Classifier, InputPipeline]:
     """The run's config, its trained model (eval mode, BatchNorm folded for inference) and the
     matching input pipeline."""
-    run = Path(run)
-    if not run.is_dir():
-        raise SonocadError(f"{run}: run directory not found")
-    if not (run / "config.json").exists():
-        raise SonocadError(f"{run / 'config.json'}: no config.json; is this a sonocad run directory?")
-    files = read_finished(run, ["config.json", "model.safetensors"])   # one run's files, even mid-swap
-    info = RunInfo.loads(files["config.json"], run / "config.json")
-    cfg = info.config
-    n_out = 1 if info.binary else len(info.classes)
-    model = create_model(cfg.model, n_out, pretrained=False, hidden=cfg.hidden, dropout=cfg.dropout)
-    state = safetensors_from_bytes(files["model.safetensors"], run / "model.safetensors")
-    state.setdefault("temperature", torch.ones(()))    # runs saved before temperature scaling existed
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        raise SonocadError(f"{run / 'model.safetensors'}: weights do not fit the model in config.json "
-                           f"({cfg.model}); the file is damaged or from another run") from None
+    info, model = trained_model(run)
     prec = resolve_precision(precision)
     model = model.to(prec.device).eval()
     if prec.channels_last:
@@ -78,7 +63,7 @@ class Predictor:
     @classmethod
     def load(cls, run: str | Path, precision: str = "auto") -> "Predictor":
         """A run directory, or a `sonocad cv` directory whose fold models become one ensemble."""
-        run = Path(run)
+        run = resolve(run)
         if (run / "config.json").is_file() or not run.is_dir():
             info, model, pipeline = load_run(run, precision)
             return cls(info, [(model, pipeline)])

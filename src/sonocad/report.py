@@ -36,6 +36,12 @@ def plot_roc(y_pos: np.ndarray, prob: np.ndarray, metrics: dict, path: Path) -> 
         ax.plot(fpr, tpr, lw=2, label=f"AUC {metrics['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f})")
         for name, op in metrics.get("operating_points", {}).items():
             ax.plot(1 - op["specificity"], op["sensitivity"], "o", label=f"{name} (t={op['threshold']:.2f})")
+        r = metrics.get("reader")
+        if r:
+            ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], "-", color="C3", lw=1.5, marker=".",
+                    label=f"readers' {r['column']} AUC {r['auc']:.3f} (p={r['p_value']:.3g})")
+            o = r["operating_point"]
+            ax.plot(1 - o["specificity"], o["sensitivity"], "s", color="C3", label=f"readers: {o['rule']}")
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (test data)", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=7)
@@ -177,15 +183,23 @@ def write_report(out: Path, metrics: dict, y: np.ndarray, probs: np.ndarray, inf
         ops = metrics.get("operating_points", {})
         if ops:
             head = "<tr><th>operating point</th><th>threshold</th><th>sensitivity (95% CI)</th>" \
-                   "<th>specificity (95% CI)</th><th>PPV</th><th>NPV</th><th>confusion [[TN, FP], [FN, TP]]</th></tr>"
+                   "<th>promised sensitivity (kept?)</th><th>specificity (95% CI)</th><th>PPV</th><th>NPV</th>" \
+                   "<th>confusion [[TN, FP], [FN, TP]]</th></tr>"
+
+            def promise(o):
+                return "" if "promised_sensitivity" not in o else \
+                    f"≥ {_num(o['promised_sensitivity'])} ({'yes' if o['promise_kept'] else 'no'})"
             body = "".join(
                 f"<tr><td>{html.escape(n)}</td><td>{_num(o['threshold'])}</td>"
-                f"<td>{_num(o['sensitivity'])} ({_num(o['sensitivity_ci'])})</td>"
+                f"<td>{_num(o['sensitivity'])} ({_num(o['sensitivity_ci'])})</td><td>{promise(o)}</td>"
                 f"<td>{_num(o['specificity'])} ({_num(o['specificity_ci'])})</td><td>{_num(o['ppv'])}</td>"
                 f"<td>{_num(o['npv'])}</td><td>{o['confusion_matrix']}</td></tr>" for n, o in ops.items())
-            sections.append("<h2>Operating points</h2><p>Thresholds were chosen on the training run's "
-                            "validation data and applied unchanged here: default 0.5, Youden's J, and the "
-                            "largest threshold reaching sensitivity ≥ 0.95 on validation data.</p>"
+            chosen = html.escape(str((info.operating_points or {}).get("chosen_on", "the training run's validation data")))
+            sections.append(f"<h2>Operating points</h2><p>Thresholds were chosen on {chosen} and applied "
+                            "unchanged here: default 0.5, Youden's J, and high sensitivity: the largest threshold "
+                            "whose sensitivity on new cases is at least 0.95 with 95% confidence (one-sided "
+                            "Clopper-Pearson bound), or, where those data hold too few cancers for that, their "
+                            "lowest cancer's score; its promised sensitivity is the bound it reaches.</p>"
                             f"<table>{head}{body}</table>")
     else:
         figs.append(plot_confusion(metrics["confusion_matrix"], classes, plots / "confusion_matrix.png", "argmax"))

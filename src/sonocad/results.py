@@ -16,6 +16,11 @@ from .metrics import binary_metrics, multiclass_metrics
 from .report import write_report
 
 
+def data_source(data) -> str | list[str]:
+    """How a result names the data it was measured on: a folder or manifest, or a list of them."""
+    return [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data)
+
+
 def score_predictions(y: np.ndarray, probs: np.ndarray, info: RunInfo) -> dict:
     """Metrics of predicted probabilities against true class indices, at the run's operating points."""
     classes = info.classes
@@ -32,7 +37,12 @@ def score_predictions(y: np.ndarray, probs: np.ndarray, info: RunInfo) -> dict:
             m["operating_points"][name] = {k: op[k] for k in (
                 "threshold", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci", "ppv", "npv",
                 "balanced_accuracy", "accuracy", "confusion_matrix")}
-        m["thresholds_chosen_on"] = "validation data of the training run (never on the evaluated data)"
+            promised = (info.operating_points.get(name) or {}).get("promised_sensitivity")
+            if promised is not None:      # the sensitivity it was chosen to keep, and whether these data show it kept
+                m["operating_points"][name].update(promised_sensitivity=promised,
+                                                   promise_kept=bool(op["sensitivity"] >= promised))
+        m["thresholds_chosen_on"] = ((info.operating_points or {}).get("chosen_on")
+                                     or "validation data of the training run") + " (never on the evaluated data)"
     else:
         m = multiclass_metrics(y, probs, classes)
     m.update(classes=classes, positive=info.positive, n_per_class=n_per_class)

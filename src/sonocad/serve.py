@@ -28,7 +28,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from .data.images import decode_bytes, square_gray
 from .errors import SonocadError
 from .evaluate import load
-from .explain import caption, heatmaps, render
+from .zoo import resolve
+from .explain import caption, explained_views, render
 
 MAX_BYTES = 20 * 2**20
 DISCLAIMER = "Research tool, not a diagnostic device: its output is not a diagnosis."
@@ -42,7 +43,10 @@ def model_card(run: str | Path, predictor) -> dict:
             "input_size": info.img_size, "trained_on": info.data.get("source"), "version": info.version,
             "operating_points": info.thresholds, "intended_use": "research on breast-ultrasound lesion "
             "classification; " + DISCLAIMER}
-    metrics = Path(run) / "metrics.json"
+    chosen = dict(info.operating_points or {})
+    if chosen:      # the figures each point was chosen at (runs trained before these were recorded have none)
+        card["chosen_on"] = {"data": chosen.pop("chosen_on", None), "operating_points": chosen}
+    metrics = resolve(run) / "metrics.json"
     if metrics.is_file():
         m = json.loads(metrics.read_text())
         card["test_part"] = {k: m.get(k) for k in ("n", "n_per_class", "auc", "auc_ci", "auc_ci_method")}
@@ -58,7 +62,9 @@ def analyse(predictor, data: bytes, name: str) -> dict:
     cfg = predictor.info.config
     image = np.array(square_gray(decode_bytes(data, name), predictor.info.img_size, cfg.resize,
                                  cfg.clean_overlays))[None]
-    probs = predictor.predict_proba(image)[0]
+    torch_model = hasattr(predictor.members[0][0], "backbone")     # Grad-CAM needs the PyTorch model
+    cams, probs = explained_views(predictor, image) if torch_model else (None, predictor.predict_proba(image))
+    probs = probs[0]
     out = {"name": name, "probabilities": {c: float(p) for c, p in zip(predictor.classes, probs)},
            "predicted": predictor.decide(probs[None])[0], "notice": DISCLAIMER}
     if predictor.info.binary:
@@ -66,8 +72,7 @@ def analyse(predictor, data: bytes, name: str) -> dict:
         out["decisions"] = {n: {"threshold": float(t), "decision": predictor.classes[int(probs[1] >= t)]}
                             for n, t in (predictor.info.thresholds or {"default": 0.5}).items()
                             if t is not None and np.isfinite(t)}
-    if hasattr(predictor.members[0][0], "backbone"):           # Grad-CAM needs the PyTorch model
-        cams, _ = heatmaps(predictor, image)
+    if cams is not None:
         buf = io.BytesIO()
         render(image[0], cams[0], caption(predictor, probs)).save(buf, "PNG", compress_level=1)
         out["heatmap_png"] = base64.b64encode(buf.getvalue()).decode()
@@ -190,12 +195,16 @@ async function send(file) {
   $("positive").textContent = card ? card.positive || j.predicted : "";
   $("prob").textContent = j.probability !== undefined ? j.probability.toFixed(4) : JSON.stringify(j.probabilities);
   $("predicted").textContent = "called " + j.predicted + " at the default operating point";
-  const t = $("decisions"); t.textContent = ""; t.appendChild(row(["operating point", "threshold", "decision",
-    "sensitivity / specificity on the test part"], true));
-  for (const [name, d] of Object.entries(j.decisions || {})) { const op = card && card.test_part ?
-      card.test_part.operating_points[name] : null;
-    t.appendChild(row([name, d.threshold.toFixed(3), d.decision, op ? op.sensitivity.toFixed(3) + " / " +
-      op.specificity.toFixed(3) : "n/a"])); }
+  const t = $("decisions"); t.textContent = ""; const chosen = card && card.chosen_on ? card.chosen_on : null;
+  t.appendChild(row(["operating point", "threshold", "decision", "sensitivity / specificity where chosen (" +
+    (chosen ? chosen.data : "not recorded") + ")", "sensitivity / specificity on the held-out test part"], true));
+  const pair = (op) => op ? op.sensitivity.toFixed(3) + " / " + op.specificity.toFixed(3) : "n/a";
+  for (const [name, d] of Object.entries(j.decisions || {})) {
+    const val = chosen ? chosen.operating_points[name] : null;
+    const test = card && card.test_part ? card.test_part.operating_points[name] : null;
+    const promise = val && val.promised_sensitivity !== undefined ? " (promises sensitivity \u2265 " +
+      val.promised_sensitivity.toFixed(3) + " on new cases)" : "";
+    t.appendChild(row([name, d.threshold.toFixed(3), d.decision, pair(val) + promise, pair(test)])); }
   if (j.heatmap_png) { $("heatmap").src = "data:image/png;base64," + j.heatmap_png; $("heatmap").hidden = false; }
   else { $("heatmap").hidden = true; }
   $("result").hidden = false; }

@@ -19,7 +19,8 @@ from .infer import InputPipeline, Precision, resolve_precision, run_batches
 from . import rundir
 from .errors import OptionError, SonocadError
 from .io import ensure_writable_dir
-from .metrics import choose_thresholds, fit_temperature
+from .metrics import fit_temperature
+from .operating import choose_operating_points
 from .models import Classifier, count_parameters, fold_batchnorm, save_model
 from .explain import explanation_metrics, gallery_section
 from .predictor import Predictor, predict_images
@@ -55,7 +56,7 @@ def train_and_evaluate(model: Classifier, info: RunInfo, train: Split, val: Spli
     val_prob = predict_images(fast, pipeline, val.images, cfg.tta, zooms=cfg.tta_zooms)
     test_prob = predict_images(fast, pipeline, test.images, cfg.tta, zooms=cfg.tta_zooms)
     if info.binary:
-        info.thresholds = choose_thresholds(val.y, val_prob[:, 1])
+        choose_operating_points(info, val.y, val_prob[:, 1], "the validation part")
     info.save(out / "config.json")
     metrics = score_predictions(test.y, test_prob, info)
     predictor = Predictor(info, [(fast, pipeline)])
@@ -144,7 +145,7 @@ def _fit(data, out: Path, cfg: TrainConfig, test_data, progress: bool, resume: b
         check_same_data(out / "checkpoints" / "data.json", record)
     precision = resolve_precision(cfg.precision)
     # the model (and its weights) before decoding: missing weights fail in seconds, not minutes
-    model = build_model(cfg, len(task.classes), precision)
+    model = build_model(cfg, len(task.classes), precision, task.classes)
     check_disk_space(out, sum(p.numel() for p in model.parameters()))
     prepared = decode_task(task, cfg, progress)
     bad_test: list[str] = []

@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,12 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
-from .errors import OptionError, SonocadError
+from .errors import OptionError, SonocadError, SonocadWarning
 from .infer import InputPipeline, Precision, run_batches
 from .io import atomic_path, atomic_write_text
 from .metrics import binary_metrics, multiclass_metrics
-from .models import Classifier, create_model, fold_batchnorm, freeze_batchnorm, save_model, set_trainable
+from .models import (Classifier, create_model, fold_batchnorm, freeze_batchnorm, save_model, set_trainable,
+                     trained_model)
 from .optim import make_loss, make_optimizer, warmup_cosine, weight_average
 from .prepare import Split, offline_augment
 
@@ -327,13 +329,35 @@ class Trainer:
                         val_auc=f"{scores['val_auc']:.3f}")
 
 
-def build_model(cfg: TrainConfig, n_classes: int, precision: Precision) -> Classifier:
-    """The configured backbone + head on the precision's device and memory layout."""
+def build_model(cfg: TrainConfig, n_classes: int, precision: Precision, classes: list[str] | None = None) -> Classifier:
+    """The configured backbone + head (from ImageNet, or from the run `cfg.init`, whose head is kept when it
+    was trained on the same `classes`) on the precision's device and memory layout."""
     n_out = 1 if n_classes == 2 else n_classes
-    model = create_model(cfg.model, n_out, cfg.pretrained, cfg.weights, cfg.hidden, cfg.dropout)
+    if cfg.init:
+        model = init_model(cfg, n_classes, classes)
+    else:
+        model = create_model(cfg.model, n_out, cfg.pretrained, cfg.weights, cfg.hidden, cfg.dropout)
     model = model.to(precision.device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def init_model(cfg: TrainConfig, n_classes: int, classes: list[str] | None) -> Classifier:
+    """A model to fine-tune from the trained run `cfg.init`: its backbone (BatchNorm statistics included), and
+    its head when it was trained on the same classes in the same order; temperature back to 1."""
+    info, source = trained_model(cfg.init)
+    if info.config.model != cfg.model:
+        raise OptionError("init", f"{cfg.init} is a {info.config.model} model; train it with --model "
+                          f"{info.config.model}, not {cfg.model}")
+    model = Classifier(source.backbone, 1 if n_classes == 2 else n_classes, cfg.hidden, cfg.dropout)
+    if classes is not None and info.classes == list(classes) and info.config.hidden == cfg.hidden:
+        model.head.load_state_dict(source.head.state_dict())
+    differ = [f"{k} {getattr(info.config, k)!r}" for k in ("resize", "clean_overlays")
+              if getattr(info.config, k) != getattr(cfg, k)]
+    if differ:
+        warnings.warn(SonocadWarning(f"--init {cfg.init} was trained with {', '.join(differ)}; this run "
+                                     "prepares its images otherwise"))
     return model
 
 

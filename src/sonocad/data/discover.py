@@ -17,6 +17,7 @@ from ..errors import OptionError, SonocadError, SonocadWarning
 
 MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<n>\d+))?$", re.IGNORECASE)
 BUSBRA_CSV = "bus_data.csv"
+MANIFEST_COLUMNS = {"path", "label", "group", "mask", "site"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class Sample:
     group: str | None = None   # patient / lesion / duplicate group: never split across train and test
     masks: tuple[str, ...] = field(default=())
     site: str | None = None
+    # the manifest's other columns as (lower-case name, text) pairs, e.g. a reader's BI-RADS category
+    columns: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+
+    def column(self, name: str) -> str | None:
+        return dict(self.columns).get(name.lower())
 
 
 def _is_hidden(p: Path) -> bool:
@@ -184,7 +190,8 @@ def read_manifest(path: Path) -> list[Sample]:
             if not m.is_file():
                 raise SonocadError(f"{path}:{i}: mask {m} does not exist")
             masks = (str(m),)
-        samples.append(Sample(str(p), row["label"], row.get("group") or None, masks, row.get("site") or None))
+        other = tuple((k, v) for k, v in row.items() if k not in MANIFEST_COLUMNS and k)
+        samples.append(Sample(str(p), row["label"], row.get("group") or None, masks, row.get("site") or None, other))
     return samples
 
 
@@ -203,7 +210,8 @@ def read_busbra(root: Path) -> list[Sample]:
                 raise SonocadError(f"{root / BUSBRA_CSV}:{i}: image {img} does not exist")
             mask = root / "Masks" / f"{row['ID'].replace('bus_', 'mask_', 1)}.png"
             samples.append(Sample(str(img), row["Pathology"].strip().lower(), f"busbra-{row['Case']}",
-                                  (str(mask),) if mask.is_file() else (), "busbra"))
+                                  (str(mask),) if mask.is_file() else (), "busbra",
+                                  (("birads", (row.get("BIRADS") or "").strip()),)))
     return samples
 
 

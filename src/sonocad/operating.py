@@ -1,0 +1,127 @@
+"""Operating points: thresholds on the positive class's probability chosen on labelled data, the figures they
+were chosen at, and for the sensitivity target a promise that holds on new cases with stated confidence.
+
+The sensitivity target is met with a margin. A threshold at the k-th lowest of n positive scores detects the
+other n - k + 1; the sensitivity it gives on new cases from the same population is then at least the one-sided
+Clopper-Pearson bound of (n - k + 1) / n with the stated confidence, without further assumptions (order
+statistics). `choose_thresholds` takes the largest threshold whose bound reaches the target. With few positives
+no threshold can promise the target (all n detected promise only (1 - confidence) ** (1 / n): 0.905 for 30
+cancers, 0.95 needs 59): the lowest positive score is taken, and the figures say what it promises.
+
+>>> import numpy as np
+>>> y = np.array([0, 0, 1, 1, 0, 1])
+>>> p = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9])
+>>> choose_thresholds(y, p)["high_sensitivity"]
+0.35
+>>> round(point_figures(y, p, choose_thresholds(y, p))["high_sensitivity"]["promised_sensitivity"], 3)
+0.368
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+from scipy import stats
+from sklearn.metrics import roc_curve
+
+from .errors import SonocadWarning
+from .metrics import binary_metrics
+
+TARGET_SENSITIVITY = 0.95
+CONFIDENCE = 0.95
+_NAN = float("nan")
+
+
+def sensitivity_bound(detected: int, positives: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided lower `confidence` bound (Clopper-Pearson) of a sensitivity seen as detected / positives."""
+    if positives <= 0:
+        return _NAN
+    if detected <= 0:
+        return 0.0
+    return float(stats.beta.ppf(1 - confidence, detected, positives - detected + 1))
+
+
+def positives_needed(target: float = TARGET_SENSITIVITY, confidence: float = CONFIDENCE) -> int | None:
+    """The fewest positive cases on which a threshold can promise `target` (all of them detected); None for a
+    target of 1, which no number of cases can promise."""
+    if target >= 1:
+        return None
+    return max(1, math.ceil(math.log(1 - confidence) / math.log(target)))
+
+
+def choose_thresholds(y, prob, target_sensitivity: float = TARGET_SENSITIVITY,
+                      confidence: float | None = CONFIDENCE) -> dict:
+    """Operating points chosen on labelled data (positive when ``prob >= t``).
+
+    Returns ``{"default": 0.5, "youden": t, "high_sensitivity": t}``: ``youden`` maximises sensitivity +
+    specificity - 1 (largest such threshold on ties); ``high_sensitivity`` is the largest threshold whose
+    sensitivity keeps ``target_sensitivity`` with ``confidence`` (see the module), or, when these data cannot
+    promise it, the lowest positive score. ``confidence=None`` drops the margin: the largest threshold whose
+    sensitivity on these data reaches the target (optimistic on new cases). nan without both classes."""
+    y = np.asarray(y).astype(bool)
+    p = np.asarray(prob, dtype=float)
+    if not 0 < target_sensitivity <= 1:
+        raise ValueError(f"target_sensitivity must be in (0, 1], not {target_sensitivity}")
+    out = {"default": 0.5, "youden": _NAN, "high_sensitivity": _NAN}
+    if y.all() or not y.any():
+        return out
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
+    fpr, tpr, thr = fpr[1:], tpr[1:], thr[1:]        # drop the leading "nothing is positive" point
+    out["youden"] = float(thr[int(np.argmax(tpr - fpr))])
+    if confidence is None:
+        out["high_sensitivity"] = float(thr[int(np.argmax(tpr >= target_sensitivity - 1e-12))])
+        return out
+    scores = np.sort(p[y])[::-1]                     # candidate thresholds: the positive scores, largest first
+    detected = np.searchsorted(-scores, -scores, side="right")      # positives at or above each
+    bounds = stats.beta.ppf(1 - confidence, detected, len(scores) - detected + 1)   # sensitivity_bound, vectorised
+    ok = np.flatnonzero(bounds >= target_sensitivity - 1e-12)
+    out["high_sensitivity"] = float(scores[ok[0]] if len(ok) else scores[-1])
+    return out
+
+
+def point_figures(y, prob, thresholds: dict, target_sensitivity: float = TARGET_SENSITIVITY,
+                  confidence: float = CONFIDENCE) -> dict:
+    """Each operating point's figures on the data it was chosen on: threshold, sensitivity and specificity
+    with 95% Wilson intervals, numbers of cases; the sensitivity point adds what it promises on new cases
+    (``promised_sensitivity``, the one-sided bound) and whether that reaches the target."""
+    y = np.asarray(y).astype(bool)
+    p = np.asarray(prob, dtype=float)
+    out = {}
+    for name, t in thresholds.items():
+        if t is None or not np.isfinite(t):
+            continue
+        m = binary_metrics(y, p, threshold=t, ci=None)
+        out[name] = {k: m[k] for k in ("threshold", "sensitivity", "sensitivity_ci", "specificity",
+                                       "specificity_ci", "n_pos", "n_neg")}
+        if name == "high_sensitivity":
+            promised = sensitivity_bound(int((p[y] >= t).sum()), int(y.sum()), confidence)
+            out[name].update(target_sensitivity=target_sensitivity, confidence=confidence,
+                             promised_sensitivity=promised,
+                             target_promised=bool(promised >= target_sensitivity - 1e-12),
+                             positives_needed=positives_needed(target_sensitivity, confidence))
+    return out
+
+
+def promise_warning(figures: dict, data: str = "the choosing data") -> str | None:
+    """One line when the sensitivity point cannot promise its target on these data (too few positives)."""
+    hs = figures.get("high_sensitivity")
+    if not hs or hs["target_promised"]:
+        return None
+    return (f"{data}: only {hs['n_pos']} positive cases; the high-sensitivity point (threshold "
+            f"{hs['threshold']:.4f}, the lowest positive score) promises sensitivity >= "
+            f"{hs['promised_sensitivity']:.3f} with {hs['confidence']:.0%} confidence, not "
+            f"{hs['target_sensitivity']:.2f}; {hs['positives_needed']} positives are needed for that")
+
+
+def choose_operating_points(info, y, prob, data: str) -> dict:
+    """Choose a binary run's operating points on labelled data (`data` names them) and record them in its
+    RunInfo, with their figures on those data; warns (SonocadWarning) when the sensitivity target cannot be
+    promised. Returns the figures."""
+    info.thresholds = choose_thresholds(y, prob)
+    figures = point_figures(y, prob, info.thresholds)
+    info.operating_points = {"chosen_on": data, **figures}
+    line = promise_warning(figures, data)
+    if line:
+        warnings.warn(line, SonocadWarning, stacklevel=2)
+    return figures

@@ -1,0 +1,94 @@
+"""sonocad calibrate and train --init: a run fitted to a new site, and fine-tuning from a trained run."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import one_line_error
+from sonocad.calibrate import calibrate_run, threshold_spread
+from sonocad.cli import main
+from sonocad.config import RunInfo, TrainConfig
+from sonocad.errors import OptionError
+from sonocad.infer import resolve_precision
+from sonocad.predictor import Predictor
+from sonocad.rundir import kind
+from sonocad.trainer import build_model
+
+
+def test_calibrated_run_rescales_probabilities_and_chooses_points_on_the_local_set(tiny_run, phantoms, tmp_path, capsys):
+    out = tmp_path / "local"
+    assert main(["calibrate", str(tiny_run), str(phantoms), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "temperature" in printed and "high_sensitivity" in printed and "bootstrap" in printed
+    assert kind(out) == "calibrate"
+    old, new = Predictor.load(tiny_run), Predictor.load(out)
+    t_old, t_new = old.info.temperature, new.info.temperature
+    assert t_new != t_old
+    images = old.decode([str(p) for p in sorted(phantoms.glob("*/*.png"))[:8]])[0]
+    p_old, p_new = old.predict_proba(images)[:, 1], new.predict_proba(images)[:, 1]
+    logit = np.log(p_old / (1 - p_old)) * t_old        # the same model: only the temperature differs
+    np.testing.assert_allclose(p_new, 1 / (1 + np.exp(-logit / t_new)), atol=1e-4)
+    m = json.loads((out / "metrics.json").read_text())
+    hs = m["operating_points"]["high_sensitivity"]
+    assert hs["threshold"] == new.info.thresholds["high_sensitivity"]
+    assert "local calibration set" in new.info.operating_points["chosen_on"]
+    assert hs["n_pos"] == 24 and 0 < hs["promised_sensitivity"] < 0.95 and not hs["target_promised"]   # 24 cancers
+    lo, hi = hs["bootstrap"]["left_out_sensitivity_95"]
+    assert 0 <= lo <= hi <= 1 and hs["bootstrap"]["draws"] > 900
+    assert new.info.data["calibrated_from"] == str(tiny_run)
+    # evaluate uses it as any run
+    assert main(["evaluate", str(out), str(phantoms), "--out", str(tmp_path / "ev")]) == 0
+    # a finished result is not replaced without --overwrite
+    err = one_line_error(capsys, ["calibrate", str(tiny_run), str(phantoms), "--out", str(out)])
+    assert "--out" in err and "--overwrite" in err
+
+
+def test_calibrate_warns_about_few_cancers_and_refuses_one_class(tiny_run, phantoms, tmp_path, capsys):
+    with pytest.warns(UserWarning, match="only 24 positive cases.*59 positives are needed"):
+        calibrate_run(tiny_run, phantoms, tmp_path / "a", n_boot=50)
+    err = one_line_error(capsys, ["calibrate", str(tiny_run), str(phantoms / "benign"), "--out", str(tmp_path / "b")])
+    assert "needs scans of both classes" in err or "class" in err
+    err = one_line_error(capsys, ["calibrate", str(tiny_run), str(phantoms), "--out", str(tiny_run / "x")])
+    assert "inside" in err
+
+
+def test_threshold_spread_narrows_with_more_cases():
+    rng = np.random.default_rng(0)
+
+    def width(n):
+        y = np.r_[np.zeros(n), np.ones(n)]
+        p = np.r_[rng.beta(2, 5, n), rng.beta(5, 2, n)]
+        lo, hi = threshold_spread(y, p, n_boot=200)["youden"]["bootstrap"]["threshold_95"]
+        return hi - lo
+
+    assert width(400) < width(20)
+
+
+def test_init_starts_from_the_runs_weights(tiny_run):
+    prec = resolve_precision("fp32")
+    info = RunInfo.load(tiny_run / "config.json")
+    cfg = TrainConfig(init=str(tiny_run), img_size=64).validate()
+    model = build_model(cfg, 2, prec, info.classes)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tiny_run / "model.safetensors"))
+    state = model.state_dict()
+    for k, v in saved.items():
+        if k != "temperature":
+            assert torch.equal(state[k].float(), v.float()), k
+    assert float(state["temperature"]) == 1.0
+    fresh_head = build_model(cfg, 2, prec, ["malignant", "benign"]).state_dict()      # other classes: new head
+    assert not torch.equal(fresh_head["head.0.weight"], saved["head.0.weight"])
+    assert torch.equal(fresh_head["backbone.conv_stem.weight"], saved["backbone.conv_stem.weight"])
+    with pytest.raises(OptionError, match="init"):
+        TrainConfig(init=str(tiny_run), weights="x.pt").validate()
+    with pytest.raises(OptionError, match="--model tf_efficientnet_lite0"):
+        build_model(TrainConfig(init=str(tiny_run), model="resnet18"), 2, prec)
+
+
+def test_train_with_init_records_it(tiny_run, phantoms, tmp_path):
+    out = tmp_path / "ft"
+    assert main(["train", str(phantoms), "--out", str(out), "--init", str(tiny_run), "--img-size", "64",
+                 "--head-epochs", "1", "--finetune-epochs", "1", "--batch-size", "8", "--quiet"]) == 0
+    assert RunInfo.load(out / "config.json").config.init == str(tiny_run)

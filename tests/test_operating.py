@@ -1,0 +1,56 @@
+"""Operating points with a margin: the high-sensitivity threshold keeps the sensitivity it promises on new cases."""
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from sonocad.operating import (choose_thresholds, point_figures, positives_needed, promise_warning,
+                               sensitivity_bound)
+
+
+def test_bound_is_clopper_pearson():
+    assert sensitivity_bound(30, 30) == pytest.approx(0.05 ** (1 / 30))          # all detected: alpha^(1/n)
+    assert sensitivity_bound(27, 30) == pytest.approx(stats.beta.ppf(0.05, 27, 4))
+    assert sensitivity_bound(0, 10) == 0.0 and math.isnan(sensitivity_bound(0, 0))
+    assert positives_needed(0.95, 0.95) == 59 and sensitivity_bound(59, 59) >= 0.95 > sensitivity_bound(58, 58)
+    assert positives_needed(1.0) is None
+
+
+def test_many_positives_promise_the_target_few_do_not():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(300), np.ones(300)]
+    p = np.r_[rng.beta(2, 5, 300), rng.beta(5, 2, 300)]
+    t = choose_thresholds(y, p)
+    fig = point_figures(y, p, t)["high_sensitivity"]
+    assert fig["target_promised"] and fig["promised_sensitivity"] >= 0.95 and promise_warning({"high_sensitivity": fig}) is None
+    # with a margin the threshold is lower (more cases called positive) than the bare target's
+    assert t["high_sensitivity"] < choose_thresholds(y, p, confidence=None)["high_sensitivity"]
+    assert fig["sensitivity"] > 0.95
+    few = point_figures(y[:320], p[:320], choose_thresholds(y[:320], p[:320]))["high_sensitivity"]  # 300 + 20
+    assert not few["target_promised"] and few["threshold"] == p[:320][y[:320] == 1].min()
+    assert few["sensitivity"] == 1.0 and few["promised_sensitivity"] == pytest.approx(0.05 ** (1 / 20))
+    line = promise_warning({"high_sensitivity": few}, "the local set")
+    assert line.startswith("the local set: only 20 positive cases;") and "59 positives are needed" in line
+
+
+def test_promise_holds_on_new_cases_and_the_bare_target_does_not():
+    """Positive logits ~ N(0, 1): a threshold t gives true sensitivity 1 - Phi(logit t). Over many choosing sets the
+    promise must hold at least 95% of the time; the bare target reaches 0.95 about half the time."""
+    rng = np.random.default_rng(1)
+    kept, bare_kept = [], []
+    for _ in range(1000):
+        y = np.r_[np.zeros(40), np.ones(120)]
+        p = 1 / (1 + np.exp(-np.r_[rng.normal(-2, 1, 40), rng.normal(0, 1, 120)]))
+        t = choose_thresholds(y, p)["high_sensitivity"]
+        promised = sensitivity_bound(int((p[40:] >= t).sum()), 120)
+        kept.append(stats.norm.sf(np.log(t / (1 - t))) >= promised)
+        bare = choose_thresholds(y, p, confidence=None)["high_sensitivity"]
+        bare_kept.append(stats.norm.sf(np.log(bare / (1 - bare))) >= 0.95)
+    assert np.mean(kept) >= 0.93         # exactly 0.95 in theory; sd 0.007 over 1000 sets
+    assert np.mean(bare_kept) < 0.6
+
+
+def test_one_class_gives_no_points():
+    t = choose_thresholds(np.zeros(5), np.linspace(0, 1, 5))
+    assert math.isnan(t["high_sensitivity"]) and point_figures(np.zeros(5), np.linspace(0, 1, 5), t).keys() == {"default"}
