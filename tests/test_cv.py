@@ -101,6 +101,16 @@ def test_cv_keeps_planted_copies_in_one_fold(planted, tmp_path, capsys):
     ens = json.loads((tmp_path / "ens" / "metrics.json").read_text())
     assert ens["auc"] == pytest.approx(m["external"]["ensemble"]["auc"], abs=1e-6)
     assert main(["predict", str(out), str(ext / "benign")]) == 0
+    # ... at operating points chosen on all out-of-fold predictions at once, with their figures there
+    from sonocad.operating import choose_thresholds
+    from sonocad.predictor import Predictor
+
+    y = np.asarray([r["label"] == "malignant" for r in rows], int)
+    expected = choose_thresholds(y, np.asarray([float(r["prob"]) for r in rows]))
+    info = Predictor.load(out).info
+    assert info.thresholds == pytest.approx(expected) and info.thresholds == m["ensemble_operating_points"]["thresholds"]
+    assert info.operating_points["high_sensitivity"]["n_pos"] == int(y.sum())
+    assert "pooled out-of-fold" in info.operating_points["chosen_on"]
 
 
 def test_compare_two_runs(tiny_run, phantoms, tmp_path, capsys):

@@ -22,6 +22,7 @@ from .errors import OptionError, SonocadError
 from .infer import InputPipeline, resolve_precision
 from .io import ensure_writable_dir
 from .metrics import binary_metrics
+from .operating import choose_operating_points
 from .models import parameter_count
 from .predictor import predict_images
 from .prepare import Prepared, data_summary, decode_split, decode_task, find_task, split_train_val
@@ -165,6 +166,10 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
                                  if key in per_fold[0]}}
     if len(classes) == 2:
         points = metrics["pooled"]["fold_operating_points"] = fold_operating_points(full.y, oof[0, :, 1], fold_thresholds)
+        # the cv folder's ensemble uses operating points chosen on all out-of-fold predictions at once
+        ens = run_info(cfg, prepared, {})
+        choose_operating_points(ens, full.y, oof[0, :, 1], f"the pooled out-of-fold predictions (n={len(full.y)})")
+        metrics["ensemble_operating_points"] = {"thresholds": ens.thresholds, **ens.operating_points}
         if "high_sensitivity" in points and promises and None not in promises:
             # pooled, the folds' points should keep at least the weakest of their promises
             points["high_sensitivity"].update(promised_sensitivity=min(promises),

@@ -14,6 +14,7 @@ array([[0.91, 0.09]], dtype=float32)
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from .data import load_many
 from .errors import SonocadError
 from .infer import InputPipeline, resolve_precision, run_batches
 from .models import Classifier, fold_batchnorm, trained_model
-from .rundir import kind
+from .rundir import kind, read_finished
 from .zoo import resolve
 
 # what the fold models of an ensemble must share
@@ -80,11 +81,15 @@ class Predictor:
             if info.classes != first.classes or info.img_size != first.img_size or any(
                     getattr(info.config, k) != getattr(first.config, k) for k in PREPROCESSING):
                 raise SonocadError(f"{run}: fold models differ in classes or preprocessing; cannot ensemble them")
-        names = set.intersection(*(set(i.thresholds or {}) for i, _, _ in loaded))
-        thresholds = {n: float(np.mean([i.thresholds[n] for i, _, _ in loaded])) for n in sorted(names)}
+        chosen = _pooled_points(run)
+        if chosen:           # chosen on the pooled out-of-fold predictions (cv of this version)
+            thresholds = chosen.pop("thresholds")
+        else:                # older cv folders: the folds' thresholds, averaged
+            names = set.intersection(*(set(i.thresholds or {}) for i, _, _ in loaded))
+            thresholds = {n: float(np.mean([i.thresholds[n] for i, _, _ in loaded])) for n in sorted(names)}
         info = RunInfo(first.config, first.classes, first.positive, first.img_size, first.mean, first.std,
                        {"ensemble_of": [str(f.parent) for f in folds]}, thresholds or {"default": 0.5},
-                       version=first.version)
+                       chosen or {}, version=first.version)
         return cls(info, [(m, p) for _, m, p in loaded])
 
     @property
@@ -130,6 +135,13 @@ class Predictor:
     def predict(self, images, batch_size: int = 64) -> list[str]:
         """The predicted class of each image (see decide)."""
         return self.decide(self.predict_proba(images, batch_size))
+
+
+def _pooled_points(run: Path) -> dict | None:
+    """The operating points a finished cv chose on its pooled out-of-fold predictions, if it recorded them."""
+    data = read_finished(run, ["metrics.json"]).get("metrics.json")
+    points = json.loads(data).get("ensemble_operating_points") if data else None
+    return dict(points) if isinstance(points, dict) and isinstance(points.get("thresholds"), dict) else None
 
 
 def load_predictor(run: str | Path, precision: str = "auto") -> Predictor:
