@@ -65,13 +65,16 @@ def pack(work: Path, out: Path) -> None:
 
     with open(work / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    packed = Predictor.load(tmp, precision="fp32")
+    packed = Predictor.load(tmp)                   # as `sonocad predict bus-base` runs it on this machine
     paths = [r["path"] for r in rows]
     y = np.asarray([packed.classes.index(r["label"]) for r in rows])
-    probs = packed.predict_proba(paths)
-    full = np.asarray([float(r["prob"]) for r in rows])
-    metrics = {"test_part": _figures(score_predictions(y, probs, info)),
-               "max_abs_change_from_fp32": float(np.abs(probs[:, 1] - full).max())}
+    images = packed.decode(paths)[0]
+    probs = packed.predict_proba(images)
+    fp32 = {name: Predictor.load(run, precision="fp32").predict_proba(images)[:, 1] for name, run in
+            (("trained", work), ("packed", tmp))}
+    metrics = {"test_part": _figures(score_predictions(y, probs, info)), "precision": packed.members[0][1].precision.name,
+               "max_abs_change_fp16_weights": float(np.abs(fp32["packed"] - fp32["trained"]).max()),
+               "max_abs_change_from_fp32_compute": float(np.abs(probs[:, 1] - fp32["packed"]).max())}
     for site, folder in SITES.items():
         idx = [i for i, p in enumerate(paths) if folder in p]
         metrics[f"test_part_{site}"] = _figures(score_predictions(y[idx], probs[idx], info))
@@ -82,7 +85,7 @@ def pack(work: Path, out: Path) -> None:
     rundir.finish(tmp, ["config.json", "model.safetensors", "metrics.json", "MODEL_CARD.md"])
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    print(json.dumps({k: v for k, v in metrics.items() if k.startswith("test_part") or k.startswith("max")},
+    print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("test_part", "max", "precision"))},
                      indent=1, default=float))
 
 
@@ -109,13 +112,17 @@ def model_card(info: RunInfo, m: dict, size: int) -> str:
                     f"({_ci(f['specificity_ci'])}) |")
     hs = m["test_part"]["operating_points"].get("high_sensitivity", {})
     d = info.data
+    vp = info.operating_points.get("high_sensitivity", {})
     return f"""# bus-base: a breast-ultrasound base model (benign vs malignant)
 
 **Research tool, not a diagnostic device.** Its output is not a diagnosis and must not guide the care of a patient.
 
 - Architecture: {info.config.model} (ImageNet weights, then fine-tuned), input {info.img_size} px gray, letterboxed,
-  overlays cleaned; a sigmoid output for `malignant`; six test-time views. Weights in fp16 ({size / 2**20:.1f} MiB);
-  probabilities differ from the fp32 run by at most {m['max_abs_change_from_fp32']:.4f} on the test part.
+  overlays cleaned; a sigmoid output for `malignant`; six test-time views. Weights in fp16 ({size / 2**20:.1f} MiB):
+  on the test part they change probabilities by at most {m['max_abs_change_fp16_weights']:.4f} against the trained
+  fp32 weights (both computed in fp32). The figures below were computed as `sonocad` runs the model by default on
+  the machine that packed it ({m['precision']}); fp32 computation differs by at most
+  {m['max_abs_change_from_fp32_compute']:.4f} per image.
 - Trained by `scripts/train_bus_base.py` (sonocad's default recipe, seed 0, about 15–20 minutes on 2 CPU cores).
 - Intended use: a starting point for fine-tuning (`sonocad train DATA --init bus-base`) or local calibration
   (`sonocad calibrate bus-base LOCAL --out RUN`) by research teams, and for trying sonocad without training.
@@ -128,7 +135,9 @@ def model_card(info: RunInfo, m: dict, size: int) -> str:
 | BUS-BRA, development part (INCA, Rio de Janeiro; 4 scanners) | benign 514, malignant 247 (425 patients) | Gómez-Flores W, Gregorio-Calas MJ, Coelho de Albuquerque Pereira W. BUS-BRA: A Breast Ultrasound Dataset for Assessing Computer-aided Diagnosis Systems. Medical Physics (2023/2024); permissive licence, citation required |
 
 Split ({d.get('grouped_by', '')}): training {d.get('n_train')}, validation {d.get('n_val')}, held-out test {d.get('n_test')}.
-Operating points were chosen on the validation part ({info.operating_points.get('chosen_on', 'validation')}).
+Operating points were chosen on the validation part ({vp.get('n_pos', '?')} malignant, {vp.get('n_neg', '?')} benign): the
+high-sensitivity threshold is its lowest malignant score, which promises sensitivity ≥ {vp.get('promised_sensitivity', float('nan')):.3f}
+on new cases from these sites with 95% confidence (59 malignant validation cases would be needed to promise 0.95).
 
 ## Measured figures (held-out test part, never trained or tuned on; fp16 weights as shipped)
 

@@ -1,0 +1,48 @@
+"""The shipped base model: found by name, whole, small, documented, and usable with no training."""
+import csv
+import io
+from pathlib import Path
+
+import pytest
+
+from conftest import BUSI, need
+from sonocad import zoo
+from sonocad.cli import main
+from sonocad.predictor import Predictor
+from sonocad.rundir import check_finished, kind
+
+BASE = zoo.HERE / "bus-base"
+
+
+def test_bus_base_is_shipped_whole_and_small():
+    assert "bus-base" in zoo.names() and zoo.resolve("bus-base") == BASE
+    assert kind(BASE) == "train" and set(check_finished(BASE)) >= {"config.json", "model.safetensors", "MODEL_CARD.md"}
+    assert sum(f.stat().st_size for f in BASE.iterdir()) <= 10 * 2**20
+    card = (BASE / "MODEL_CARD.md").read_text()
+    assert "not a diagnostic device" in card and "Al-Dhabyani" in card and "Gómez-Flores" in card
+    assert "scripts/train_bus_base.py" in card
+
+
+def test_a_path_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bus-base").mkdir()
+    assert zoo.resolve("bus-base") == Path("bus-base")          # the folder here, not the shipped one
+    assert zoo.resolve("no-such-model") == Path("no-such-model")
+
+
+def test_predict_with_bus_base_needs_no_training(phantoms, capsys):
+    image = phantoms / "malignant" / "malignant (1).png"
+    assert main(["predict", "bus-base", str(image)]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 1 and 0.0 <= float(rows[0]["prob_malignant"]) <= 1.0
+    model = Predictor.load("bus-base")
+    assert model.classes == ["benign", "malignant"] and model.info.img_size == 224
+    assert model.info.operating_points["high_sensitivity"]["promised_sensitivity"] > 0
+
+
+def test_bus_base_on_a_busi_scan():
+    scans = sorted((need(BUSI) / "malignant").glob("malignant (1*).png"))[:4] + \
+        sorted((BUSI / "benign").glob("benign (1*).png"))[:4]
+    scans = [s for s in scans if "_mask" not in s.name]
+    p = Predictor.load("bus-base").predict_proba([str(s) for s in scans])[:, 1]
+    assert p[:len(scans) // 2].mean() > p[len(scans) // 2:].mean()     # a sanity check, not a measurement
