@@ -110,9 +110,9 @@ def learning(a) -> dict:
             for name, init in (("imagenet", None), ("ultrasound", a.init)):
                 out = work / f"n{n}-s{seed}" / name
                 t0 = time.perf_counter()
-                if not (out / "run.json").is_file():
+                if not (out / "run.json").is_file():     # an arm interrupted earlier is trained again
                     fit(str(local_csv), out, test_data=str(test_csv), progress=False, classes=CLASSES, seed=seed,
-                        init=init, dedup=False)
+                        init=init, dedup=False, overwrite=out.exists())
                 paths, y, p = test_probs(out)
                 arm[name] = {"auc": float(binary_metrics(y, p, ci=None)["auc"]), "seconds": round(time.perf_counter() - t0)}
                 arm[f"{name}_probs"] = p
