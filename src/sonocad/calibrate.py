@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import expit
 
 from .data import discover
 from .errors import OptionError, SonocadError
@@ -70,8 +71,7 @@ def _calibrate(name, run: Path, data, out: Path, skip_bad: bool, precision: str,
     cfg = info.config
     logits = run_batches(model, images, pipeline, tta=cfg.tta, zooms=cfg.tta_zooms)[:, 0].astype(float)
     temperature = fit_temperature(y, logits)
-    before = 1 / (1 + np.exp(-logits / info.temperature))
-    prob = 1 / (1 + np.exp(-logits / temperature))
+    before, prob = expit(logits / info.temperature), expit(logits / temperature)    # as models.probabilities
     described = f"the local calibration set {data_source(data)} (n={len(y)}: {counts[info.classes[1]]} " \
                 f"{info.classes[1]}, {counts[info.classes[0]]} {info.classes[0]})"
     new = dataclasses.replace(info, temperature=temperature, data={

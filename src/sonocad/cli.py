@@ -58,6 +58,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     add_config_options(p)
 
 
+def _reading_options(p: argparse.ArgumentParser) -> None:
+    """Options of the verbs that read images with a trained run."""
+    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sonocad", description="Breast-ultrasound lesion classifiers: train, evaluate, predict. "
                      "A research tool, not a diagnostic device.")
@@ -97,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("data", nargs="+")
     p.add_argument("--out", required=True)
-    p.add_argument("--skip-bad", action="store_true")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    _reading_options(p)
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
                    help="torch: the run's PyTorch model; onnx: a file written by sonocad export (auto: by RUN)")
     p.add_argument("--reader-score", metavar="COLUMN", help="the manifest column holding the readers' score "
@@ -118,8 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", metavar="DIR", help="also write a Grad-CAM picture of each image into DIR")
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
                    help="torch: the run's PyTorch model; onnx: a file written by sonocad export (auto: by RUN)")
-    p.add_argument("--skip-bad", action="store_true")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    _reading_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("calibrate", help="fit a run to a new site: temperature and operating points chosen on a "
@@ -129,8 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the calibrated run directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace a finished result in --out (once the new one "
                    "is complete)")
-    p.add_argument("--skip-bad", action="store_true")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    _reading_options(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("explain", help="where the model looked: a Grad-CAM picture of each scan")
@@ -139,8 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the pictures and explanations.csv")
     p.add_argument("--target", default="default", help="class explained: binary runs the positive class (default) "
                    "or 'other' or a class name; multi-class runs each image's predicted class (default) or a name")
-    p.add_argument("--skip-bad", action="store_true")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    _reading_options(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("export", help="the run's model as one ONNX file, with its preprocessing in the metadata")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SonocadError
-from .infer import tta_views
+from .infer import all_views, tta_views
 from .metrics import wilson_ci
 
 
@@ -102,15 +102,23 @@ def heatmaps(predictor, images: np.ndarray, target="positive", batch_size: int =
         for i in range(0, len(images), batch_size):
             x = pipeline(images[i:i + batch_size])
             cam, logits = gradcam(model, x, target, autocast=pipeline.precision.autocast())
-            cam = F.interpolate(cam[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-            m_maps.append(cam.cpu())
+            m_maps.append(_upsample(cam, size))
             m_probs.append(model.probabilities(logits.cpu()))
         maps.append(torch.cat(m_maps) if m_maps else torch.zeros(0, size, size))
         probs.append(torch.cat(m_probs) if m_probs else torch.zeros(0, 2))
+    return _members_mean(maps), torch.stack(probs).mean(0).numpy()
+
+
+def _upsample(cam: torch.Tensor, size: int) -> torch.Tensor:
+    """Maps (N, h, w) bilinearly to (N, size, size), on the CPU."""
+    return F.interpolate(cam[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0].cpu()
+
+
+def _members_mean(maps: list[torch.Tensor]) -> np.ndarray:
+    """The members' maps averaged, then scaled to [0, 1] per image."""
     cams = torch.stack(maps).mean(0).numpy()
     top = cams.reshape(len(cams), -1).max(1) if len(cams) else np.zeros(0)
-    cams = cams / np.maximum(top, 1e-12)[:, None, None]
-    return cams.astype(np.float32), torch.stack(probs).mean(0).numpy()
+    return (cams / np.maximum(top, 1e-12)[:, None, None]).astype(np.float32)
 
 
 def explained_views(predictor, images: np.ndarray, target="positive") -> tuple[np.ndarray, np.ndarray]:
@@ -124,18 +132,16 @@ def explained_views(predictor, images: np.ndarray, target="positive") -> tuple[n
     n, size = len(images), images.shape[-1]
     maps, probs = [], []
     for model, pipeline in predictor.members:
-        x = torch.cat([pipeline(images, zoom=zoom, flip=flip) for zoom, flip in views])
+        x = all_views(pipeline, images, views)
         with torch.no_grad(), pipeline.precision.autocast():
             feats = model.backbone.forward_features(x)
             logits = model.head(model.backbone.forward_head(feats, pre_logits=True)).float()   # = model(x)
         plain = feats[:n].float()
         alpha, _ = _closed_form_weights(model, plain, target)
         cam = torch.relu((alpha[:, :, None, None] * plain).sum(1))
-        maps.append(F.interpolate(cam[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0].cpu())
+        maps.append(_upsample(cam, size))
         probs.append(model.probabilities(logits.cpu().view(len(views), n, -1).mean(0)))
-    cams = torch.stack(maps).mean(0).numpy()
-    cams = cams / np.maximum(cams.reshape(n, -1).max(1), 1e-12)[:, None, None]
-    return cams.astype(np.float32), torch.stack(probs).mean(0).numpy()
+    return _members_mean(maps), torch.stack(probs).mean(0).numpy()
 
 
 # --- agreement with the lesion --------------------------------------------------------------------------------

@@ -87,6 +87,11 @@ def tta_views(tta: bool, zooms=()) -> list[tuple[float, bool]]:
     return [(z, f) for z in (1.0, *zooms) for f in (False, True)] if tta else [(1.0, False)]
 
 
+def all_views(pipeline: InputPipeline, images: np.ndarray, views: list[tuple[float, bool]]) -> torch.Tensor:
+    """Every view of `images` as one batch, view by view (the rows of view k are k*N .. k*N + N - 1)."""
+    return torch.cat([pipeline(images, zoom=zoom, flip=flip) for zoom, flip in views])
+
+
 @torch.no_grad()
 def run_batches(fn, images: np.ndarray, pipeline: InputPipeline, batch_size: int = 64,
                 tta: bool = False, zooms=()) -> np.ndarray:
@@ -95,7 +100,7 @@ def run_batches(fn, images: np.ndarray, pipeline: InputPipeline, batch_size: int
     views = tta_views(tta, zooms)
     if 1 < len(views) and len(images) * len(views) <= batch_size:
         # a few images (one scan in serve): every view in one batch, one forward pass
-        x = torch.cat([pipeline(images, zoom=zoom, flip=flip) for zoom, flip in views])
+        x = all_views(pipeline, images, views)      # outside autocast, as below
         with pipeline.precision.autocast():
             y = fn(x).float().cpu()
         return y.view(len(views), len(images), *y.shape[1:]).mean(0).numpy()
