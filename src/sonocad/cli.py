@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reader-score", metavar="COLUMN", help="the manifest column holding the readers' score "
                    "(BI-RADS) of each image, compared with the model (default: BUS-BRA's BIRADS where the data "
                    "carry it; none: leave it out)")
+    p.add_argument("--adapt-bn", action="store_true", help="recompute the model's BatchNorm statistics on the "
+                   "images evaluated (AdaBN, no labels used) before predicting them")
     p.add_argument("--reader-threshold", type=float, default=4.0, help="the readers' operating point: score at "
                    "or above it (default 4: BI-RADS 4, biopsy recommended)")
     p.add_argument("--shortcut-check", action="store_true",
@@ -121,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--csv", help="write the predictions to this CSV instead of standard output")
     p.add_argument("--heatmaps", metavar="DIR", help="also write a Grad-CAM picture of each image into DIR")
+    p.add_argument("--masks", metavar="DIR", help="also write each image's predicted lesion mask (PNG, the scan's "
+                   "size) into DIR (models trained with lesion masks)")
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
                    help="torch: the run's PyTorch model; onnx: a file written by sonocad export (auto: by RUN)")
     _reading_options(p)

@@ -57,7 +57,7 @@ def cmd_evaluate(a) -> None:
 
     m = evaluate_run(a.run, a.data if len(a.data) > 1 else a.data[0], a.out, skip_bad=a.skip_bad,
                      precision=a.precision, shortcut=a.shortcut_check, engine=a.engine,
-                     reader_score=a.reader_score, reader_threshold=a.reader_threshold)
+                     reader_score=a.reader_score, reader_threshold=a.reader_threshold, adapt_bn=a.adapt_bn)
     warn_bad(m["data"].get("skipped_bad_images", []))
     print_metrics(m, "evaluation")
     if "reader" in m:
@@ -95,7 +95,7 @@ def cmd_predict(a) -> None:
         refuse_writing_into_runs(a.csv, [a.run], "csv")
         ensure_writable_dir(Path(a.csv).parent, "csv")
     rows = predict_paths(a.run, a.inputs, skip_bad=a.skip_bad, precision=a.precision, heatmaps=a.heatmaps,
-                         engine=a.engine)
+                         engine=a.engine, masks=a.masks)
     errors = [r for r in rows if "error" in r]
     rows = [r for r in rows if "error" not in r]
     warn_bad([r["error"] for r in errors])

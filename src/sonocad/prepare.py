@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 
 from .config import TrainConfig
 from .data import discover, load_many, resolve_classes, stratified_group_split, undersample
+from .data.images import load_mask
 from .data.augment import augment_batch
 from .data.split import group_ids
 from .errors import SonocadError
@@ -35,10 +36,15 @@ class Split:
     y: np.ndarray
     samples: list
     groups: np.ndarray | None = None   # what must stay together in any split (see with_duplicate_groups)
+    masks: np.ndarray | None = None    # bool (N, S, S) lesion masks, decoded like the images (lesion-aware training)
+    known: np.ndarray | None = None    # bool (N,): which images' masks are known (the others get no mask loss)
 
     def take(self, idx) -> "Split":
-        return Split(self.images[idx], self.y[idx], [self.samples[i] for i in idx],
-                     None if self.groups is None else self.groups[idx])
+        def part(a):
+            return None if a is None else a[idx]
+
+        return Split(self.images[idx], self.y[idx], [self.samples[i] for i in idx], part(self.groups),
+                     part(self.masks), part(self.known))
 
     def split_groups(self) -> list:
         return list(self.groups) if self.groups is not None else split_groups(self.samples)
@@ -86,6 +92,11 @@ def find_task(data, cfg: TrainConfig) -> Task:
     return Task(samples, classes, positive, img_size, mean, std)
 
 
+def trains_mask_head(cfg: TrainConfig, samples: list) -> bool:
+    """Lesion-aware training: a mask decoder is trained when cfg.seg_weight > 0 and some samples have masks."""
+    return cfg.seg_weight > 0 and any(s.masks for s in samples)
+
+
 def decode_task(task: Task, cfg: TrainConfig, progress: bool = False) -> Prepared:
     """Decode every image once (a bad one stops here, before any training, unless cfg.skip_bad) and
     group duplicates with patients."""
@@ -107,12 +118,43 @@ def decode_split(samples, classes: list[str], cfg: TrainConfig, img_size: int, w
     if not samples:
         raise SonocadError(f"no readable images left in the {what} data")
     y = np.asarray([classes.index(s.label) for s in samples])
+    masks = known = None
+    if trains_mask_head(cfg, samples):
+        masks, known, bad_masks = decode_masks(samples, img_size, cfg.resize, cfg.skip_bad)
+        bad = bad + bad_masks
     if what == "training":
         for c, name in enumerate(classes):
             if (y == c).sum() < 3:
                 raise SonocadError(f"class {name!r} has {(y == c).sum()} usable image(s); at least 3 are "
                                    "needed (train, validation, test)")
-    return Split(images, y, samples), bad
+    return Split(images, y, samples, masks=masks, known=known), bad
+
+
+def decode_masks(samples, size: int, resize: str, skip_bad: bool = False,
+                 threads: int = 2) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(bool masks (N, S, S) placed like their images, which are known, one-line problems of the bad ones): the
+    union of each sample's mask files. A bad mask raises SonocadError, unless `skip_bad` (its image then trains
+    without a mask loss)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(s):
+        if not s.masks:
+            return None, None
+        try:
+            return load_mask(s.masks, s.path, size, resize), None
+        except SonocadError as e:
+            if not skip_bad:
+                raise
+            return None, f"{e} (its image trains without a mask)"
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = list(pool.map(one, samples))
+    masks = np.zeros((len(samples), size, size), bool)
+    for i, (m, _) in enumerate(results):
+        if m is not None:
+            masks[i] = m
+    known = np.asarray([m is not None for m, _ in results], bool)
+    return masks, known, [err for _, err in results if err]
 
 
 def split_groups(samples) -> list[str | None]:
@@ -130,7 +172,7 @@ def with_duplicate_groups(split: Split, cfg: TrainConfig, progress: bool = False
     if cfg.dedup:
         dup_group, n_dup = cached_duplicates([s.path for s in split.samples], progress)
         groups = merge_groups(groups, dup_group)
-    return Split(split.images, split.y, split.samples, group_ids(groups)), n_dup
+    return replace(split, groups=group_ids(groups)), n_dup
 
 
 def dedup_cache_key(paths: list[str], settings) -> str:
@@ -224,8 +266,16 @@ def offline_augment(split: Split, copies: int, seed: int) -> Split:
         return split
     gen = torch.Generator().manual_seed(seed + 7919)
     base = torch.from_numpy(split.images).unsqueeze(1).float() / 255
-    extra = [(augment_batch(base, gen) * 255).round().to(torch.uint8).squeeze(1).numpy() for _ in range(copies)]
-    return Split(np.concatenate([split.images, *extra]), np.tile(split.y, copies + 1), split.samples * (copies + 1))
+    masks = None if split.masks is None else torch.from_numpy(split.masks).unsqueeze(1).float()
+    images, warped = [split.images], [split.masks]
+    for _ in range(copies):
+        out = augment_batch(base, gen, masks=masks)
+        x, m = out if masks is not None else (out, None)
+        images.append((x * 255).round().to(torch.uint8).squeeze(1).numpy())
+        warped.append(None if m is None else m.squeeze(1).numpy() > 0.5)
+    return Split(np.concatenate(images), np.tile(split.y, copies + 1), split.samples * (copies + 1),
+                 masks=None if masks is None else np.concatenate(warped),
+                 known=None if split.known is None else np.tile(split.known, copies + 1))
 
 
 def data_record(samples: list, test_samples: list = ()) -> dict:

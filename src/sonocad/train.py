@@ -25,9 +25,10 @@ from .models import Classifier, count_parameters, fold_batchnorm, save_model
 from .explain import explanation_metrics, gallery_section
 from .predictor import Predictor, predict_images
 from .prepare import (Prepared, Split, check_same_data, data_record, data_summary, decode_split, decode_task,
-                      find_task, hold_out_test, split_train_val, write_data_record)
+                      find_task, hold_out_test, split_train_val, trains_mask_head, write_data_record)
 from .results import score_predictions, write_evaluation
 from .rundir import RunLock, prepare_output, swap_in
+from .segment import segmentation_report
 from .trainer import Trainer, build_model, check_disk_space, read_checkpoint, seed_everything
 
 # a finished run's files, committed together by run.json
@@ -64,14 +65,16 @@ def train_and_evaluate(model: Classifier, info: RunInfo, train: Split, val: Spli
     if with_masks:
         metrics["explanation"] = explanation_metrics(predictor, test.images[with_masks],
                                                      [test.samples[i] for i in with_masks], test.y[with_masks])
+    sections = [segmentation_report(predictor, metrics, test.images, test.samples, test.y)]
     metrics["timing_seconds"] = {"data": round(t_data, 1), "phase1_head": round(trainer.seconds["head"], 1),
                                  "phase2_finetune": round(trainer.seconds["finetune"], 1)}
     metrics["timing_seconds"]["total"] = round(sum(metrics["timing_seconds"].values()), 1)
     metrics["precision"] = precision.name
     metrics["parameters"] = count_parameters(model)
     metrics["data"] = info.data
-    gallery = gallery_section(predictor, test.images, test.y, test_prob, test.samples)
-    write_evaluation(out, metrics, test.samples, test.y, test_prob, info, trainer.log, extra_sections=[gallery] if gallery else None)
+    sections.append(gallery_section(predictor, test.images, test.y, test_prob, test.samples))
+    write_evaluation(out, metrics, test.samples, test.y, test_prob, info, trainer.log,
+                     extra_sections=[s for s in sections if s] or None)
     rundir.finish(out, list(RUN_FILES))
     return metrics
 
@@ -79,7 +82,8 @@ def train_and_evaluate(model: Classifier, info: RunInfo, train: Split, val: Spli
 def run_info(cfg: TrainConfig, prepared: Prepared, summary: dict) -> RunInfo:
     """The RunInfo of a run trained with `cfg` on `prepared` data."""
     t = prepared.task
-    return RunInfo(cfg, t.classes, t.positive, t.img_size, t.mean, t.std, summary, version=__version__)
+    return RunInfo(cfg, t.classes, t.positive, t.img_size, t.mean, t.std, summary, version=__version__,
+                   mask_head=trains_mask_head(cfg, t.samples))
 
 
 def fit(data, out, cfg: TrainConfig | None = None, test_data=None, progress: bool = True,
@@ -145,7 +149,7 @@ def _fit(data, out: Path, cfg: TrainConfig, test_data, progress: bool, resume: b
         check_same_data(out / "checkpoints" / "data.json", record)
     precision = resolve_precision(cfg.precision)
     # the model (and its weights) before decoding: missing weights fail in seconds, not minutes
-    model = build_model(cfg, len(task.classes), precision, task.classes)
+    model = build_model(cfg, len(task.classes), precision, task.classes, trains_mask_head(cfg, task.samples))
     check_disk_space(out, sum(p.numel() for p in model.parameters()))
     prepared = decode_task(task, cfg, progress)
     bad_test: list[str] = []

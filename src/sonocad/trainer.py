@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .config import TrainConfig
 from .errors import OptionError, SonocadError, SonocadWarning
 from .infer import InputPipeline, Precision, run_batches
+from .maskhead import mask_loss
 from .io import atomic_path, atomic_write_text
 from .metrics import binary_metrics, multiclass_metrics
 from .models import (Classifier, create_model, fold_batchnorm, freeze_batchnorm, save_model, set_trainable,
@@ -246,7 +247,7 @@ class Trainer:
                     x = self.pipeline(self.train.images[idx], self.gen if cfg.augment else None)
                     with self.precision.autocast():
                         logits = model(x)
-                losses.append(self._step(opt, logits, y[idx]))
+                losses.append(self._step(opt, self._loss(logits, y[idx])))
             lr = opt.param_groups[0]["lr"]
             sched.step()
             head.eval()
@@ -289,19 +290,33 @@ class Trainer:
             freeze_batchnorm(model)
             losses = []
             for idx in tqdm(self._batches(len(y)), leave=False, disable=not self.progress, unit="batch"):
-                x = self.pipeline(self.train.images[idx], self.gen if cfg.augment else None)
-                with self.precision.autocast():
-                    logits = model(x)
-                losses.append(self._step(opt, logits, y[idx], sched))
+                losses.append(self._step(opt, self._batch_loss(idx, y[idx]), sched))
                 if self.ema is not None:
                     self.ema.update_parameters(model)
             model.eval()
             val_logits = run_batches(scored.eval(), self.val.images, self.pipeline)
             self._end_epoch(losses, val_logits, opt.param_groups[0]["lr"], t0, bar, opt, sched, scored)
 
-    def _step(self, opt, logits, y, sched=None) -> float:
-        """One optimisation step on a batch's logits; returns its loss."""
-        loss = self.loss_fn(logits, y.to(logits.device))
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(logits, y.to(logits.device))
+
+    def _batch_loss(self, idx: np.ndarray, y: torch.Tensor) -> torch.Tensor:
+        """Phase 2's loss on training images `idx`: classification, plus cfg.seg_weight x the lesion-mask loss
+        on those whose mask is known (when the model has a mask head)."""
+        gen = self.gen if self.cfg.augment else None
+        train, model = self.train, self.model
+        if model.mask_head is None or train.masks is None:
+            x = self.pipeline(train.images[idx], gen)
+            with self.precision.autocast():
+                return self._loss(model(x), y)
+        x, masks = self.pipeline.with_masks(train.images[idx], train.masks[idx], gen)
+        with self.precision.autocast():
+            logits, mask_logits = model.forward_with_mask(x)
+        known = torch.from_numpy(train.known[idx]).to(masks.device)
+        return self._loss(logits, y) + self.cfg.seg_weight * mask_loss(mask_logits, masks, known)
+
+    def _step(self, opt, loss: torch.Tensor, sched=None) -> float:
+        """One optimisation step on a batch's loss; returns it."""
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -329,30 +344,35 @@ class Trainer:
                         val_auc=f"{scores['val_auc']:.3f}")
 
 
-def build_model(cfg: TrainConfig, n_classes: int, precision: Precision, classes: list[str] | None = None) -> Classifier:
+def build_model(cfg: TrainConfig, n_classes: int, precision: Precision, classes: list[str] | None = None,
+                mask_head: bool = False) -> Classifier:
     """The configured backbone + head (from ImageNet, or from the run `cfg.init`, whose head is kept when it
-    was trained on the same `classes`) on the precision's device and memory layout."""
+    was trained on the same `classes`), with the lesion-mask decoder when `mask_head`, on the precision's
+    device and memory layout."""
     n_out = 1 if n_classes == 2 else n_classes
     if cfg.init:
-        model = init_model(cfg, n_classes, classes)
+        model = init_model(cfg, n_classes, classes, mask_head)
     else:
-        model = create_model(cfg.model, n_out, cfg.pretrained, cfg.weights, cfg.hidden, cfg.dropout)
+        model = create_model(cfg.model, n_out, cfg.pretrained, cfg.weights, cfg.hidden, cfg.dropout, mask_head)
     model = model.to(precision.device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def init_model(cfg: TrainConfig, n_classes: int, classes: list[str] | None) -> Classifier:
-    """A model to fine-tune from the trained run `cfg.init`: its backbone (BatchNorm statistics included), and
-    its head when it was trained on the same classes in the same order; temperature back to 1."""
+def init_model(cfg: TrainConfig, n_classes: int, classes: list[str] | None, mask_head: bool = False) -> Classifier:
+    """A model to fine-tune from the trained run `cfg.init`: its backbone (BatchNorm statistics included), its
+    head when it was trained on the same classes in the same order, its mask decoder when it has one;
+    temperature back to 1."""
     info, source = trained_model(cfg.init)
     if info.config.model != cfg.model:
         raise OptionError("init", f"{cfg.init} is a {info.config.model} model; train it with --model "
                           f"{info.config.model}, not {cfg.model}")
-    model = Classifier(source.backbone, 1 if n_classes == 2 else n_classes, cfg.hidden, cfg.dropout)
+    model = Classifier(source.backbone, 1 if n_classes == 2 else n_classes, cfg.hidden, cfg.dropout, mask_head)
     if classes is not None and info.classes == list(classes) and info.config.hidden == cfg.hidden:
         model.head.load_state_dict(source.head.state_dict())
+    if mask_head and source.mask_head is not None:
+        model.mask_head.load_state_dict(source.mask_head.state_dict())
     differ = [f"{k} {getattr(info.config, k)!r}" for k in ("resize", "clean_overlays")
               if getattr(info.config, k) != getattr(cfg, k)]
     if differ:

@@ -18,8 +18,10 @@ def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor
     return lo + (hi - lo) * torch.rand(n, generator=gen)
 
 
-def augment_batch(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
-    """Randomly transform a float batch (B, C, H, W) with values in [0, 1]; returns a new batch."""
+def augment_batch(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0, masks: torch.Tensor | None = None):
+    """Randomly transform a float batch (B, C, H, W) with values in [0, 1]; returns a new batch. With `masks`
+    (B, 1, H, W), returns (batch, masks moved by the same geometric transform); the random draws are the same
+    either way."""
     b, _, h, w = x.shape
     s = strength
     angle = _uniform(gen, b, -10 * s, 10 * s) * math.pi / 180
@@ -33,6 +35,8 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0) 
                          torch.stack([sin * sx, cos * sy, ty], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if masks is not None:
+        masks = F.grid_sample(masks.to(x.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
     def per_sample(lo, hi):
         return _uniform(gen, b, lo, hi).view(b, 1, 1, 1).to(x.dtype)
@@ -48,4 +52,4 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0) 
     if blur.any():
         sigma = float(_uniform(gen, 1, 0.4, 1.2))
         x[blur] = TF.gaussian_blur(x[blur], kernel_size=[5, 5], sigma=[sigma, sigma])
-    return x.clamp(0, 1)
+    return x.clamp(0, 1) if masks is None else (x.clamp(0, 1), masks)

@@ -167,6 +167,20 @@ def to_square(img: Image.Image, size: int, resize: str = "pad", resample=Image.B
     return np.asarray(canvas)
 
 
+def from_square(prob: np.ndarray, size: tuple[int, int], resize: str = "pad") -> np.ndarray:
+    """The inverse of to_square for a per-pixel probability map (S, S) in [0, 1]: the letterbox cut off and the
+    rest resized to the original `size` (width, height); returns the boolean map (height, width) at 0.5."""
+    w, h = size
+    side = prob.shape[0]
+    if resize != "stretch":
+        scale = side / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        x0, y0 = (side - nw) // 2, (side - nh) // 2
+        prob = prob[y0:y0 + nh, x0:x0 + nw]
+    img = Image.fromarray(np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8))
+    return np.asarray(img.resize((w, h), Image.BILINEAR)) >= 128
+
+
 def square_gray(img: Image.Image, size: int, resize: str = "pad", clean_overlays: bool = False) -> np.ndarray:
     """A decoded gray image as the model takes it: overlays painted over (if asked), resized to size x size."""
     return to_square(remove_overlays(img) if clean_overlays else img, size, resize)

@@ -1,0 +1,189 @@
+"""Recipe candidates for the other site, measured with the project's discipline (issue 18): train on BUSI (benign vs
+malignant) with each candidate's settings and several seeds, choose on BUS-BRA fold 1 (the official partition in
+5-fold-cv.csv), and look at fold 2 only with --confirm, once per candidate one would ship.
+
+    .venv/bin/python bench/candidates.py no_masks masks masks_adabn --seeds 0 1 2 --out runs/cand
+    .venv/bin/python bench/candidates.py no_masks masks --seeds 0 1 2 --out runs/cand --confirm
+    .venv/bin/python bench/candidates.py --list
+
+Each (candidate, seed) trains once (runs/cand/<training>-s<seed>, reused when finished) and is evaluated on fold 1
+(and fold 2 with --confirm). One JSON line per evaluation goes to runs/cand/results.jsonl. The summary prints, per
+candidate, mean +- sd over seeds of BUS-BRA fold AUC, lesion Dice on BUS-BRA, BUSI held-out AUC and training time,
+and against the reference candidate (the first named): the paired t-test over seeds and each seed's paired DeLong
+test on the same images.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BUSI = ROOT.parent / "shared/data/busi/Dataset_BUSI_with_GT"
+BUSBRA = ROOT.parent / "shared/data/busbra/BUSBRA"
+
+# name -> (training overrides of the default recipe, evaluation options); candidates sharing their training
+# overrides share the trained runs
+CANDIDATES: dict[str, tuple[dict, dict]] = {
+    "no_masks": ({"seg_weight": 0.0}, {}),           # the recipe before lesion-aware training
+    "masks": ({"seg_weight": 1.0}, {}),               # lesion-aware training (the default since it landed)
+    "masks_w0.3": ({"seg_weight": 0.3}, {}),
+    "no_masks_adabn": ({"seg_weight": 0.0}, {"adapt_bn": True}),
+    "masks_adabn": ({"seg_weight": 1.0}, {"adapt_bn": True}),
+    "masks_unfreeze4": ({"seg_weight": 1.0, "unfreeze": "4"}, {}),
+}
+
+
+def training_name(overrides: dict) -> str:
+    return "_".join(f"{k}-{v}" for k, v in sorted(overrides.items())) or "default"
+
+
+def fold_manifest(fold: int, out: Path) -> Path:
+    """A CSV manifest of BUS-BRA's development images of one official fold (path, label, group = patient, mask,
+    site, BIRADS for the readers' reference)."""
+    path = out / f"busbra-fold{fold}.csv"
+    if path.is_file():
+        return path
+    folds = {r["ID"]: r["kFold"] for r in csv.DictReader(open(BUSBRA / "5-fold-cv.csv"))}
+    rows = []
+    for r in csv.DictReader(open(BUSBRA / "bus_data.csv")):
+        if folds.get(r["ID"]) == str(fold):
+            mask = BUSBRA / "Masks" / f"{r['ID'].replace('bus_', 'mask_', 1)}.png"
+            rows.append({"path": str(BUSBRA / "Images" / f"{r['ID']}.png"), "label": r["Pathology"],
+                         "group": f"patient-{r['Case']}", "mask": str(mask) if mask.is_file() else "",
+                         "site": "busbra", "BIRADS": r["BIRADS"]})
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def train(overrides: dict, seed: int, out: Path) -> tuple[Path, dict, float]:
+    """(run, its held-out BUSI metrics, training seconds), trained once and reused."""
+    from sonocad.config import TrainConfig
+    from sonocad.rundir import kind
+    from sonocad.train import fit
+
+    run = out / f"{training_name(overrides)}-s{seed}"
+    if kind(run) == "train":
+        metrics = json.loads((run / "metrics.json").read_text())
+        return run, metrics, metrics["timing_seconds"]["total"]
+    cfg = TrainConfig.from_recipe("default", classes=["benign", "malignant"], seed=seed, **overrides)
+    t0 = time.perf_counter()
+    metrics = fit(BUSI, run, cfg, progress=False, overwrite=True)
+    return run, metrics, time.perf_counter() - t0
+
+
+def evaluate(run: Path, fold: int, options: dict, out: Path) -> tuple[dict, Path]:
+    from sonocad.evaluate import evaluate_run
+
+    where = out / f"{run.name}-fold{fold}{'-adabn' if options.get('adapt_bn') else ''}"
+    if (where / "run.json").is_file():
+        return json.loads((where / "metrics.json").read_text()), where
+    return evaluate_run(run, str(fold_manifest(fold, out)), where, reader_score="BIRADS", **options), where
+
+
+def measure(names: list[str], seeds: list[int], out: Path, folds: list[int]) -> list[dict]:
+    results = out / "results.jsonl"
+    done = {(r["candidate"], r["seed"], r["fold"]): r for r in map(json.loads, results.open())} if results.is_file() else {}
+    rows = []
+    for seed in seeds:          # seed by seed: the paired comparisons fill in as the runs finish
+        for name in names:
+            overrides, options = CANDIDATES[name]
+            for fold in folds:
+                if (name, seed, fold) in done:
+                    rows.append(done[(name, seed, fold)])
+                    continue
+                run, m_busi, seconds = train(overrides, seed, out)
+                m, where = evaluate(run, fold, options, out)
+                row = {"candidate": name, "seed": seed, "fold": fold, "train_seconds": round(seconds, 1),
+                       "busi_auc": m_busi["auc"], "busi_dice": m_busi.get("segmentation", {}).get("dice_mean"),
+                       "auc": m["auc"], "auc_ci": m["auc_ci"], "n": m["n"],
+                       "dice": m.get("segmentation", {}).get("dice_mean"),
+                       "readers_auc": m.get("reader", {}).get("readers", {}).get("auc"),
+                       "predictions": str(where / "predictions.csv")}
+                with results.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
+
+
+def _predictions(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    rows = list(csv.DictReader(open(path)))
+    return ([r["path"] for r in rows], np.asarray([r["label"] == "malignant" for r in rows], int),
+            np.asarray([float(r["prob"]) for r in rows]))
+
+
+def summarize(rows: list[dict], reference: str) -> None:
+    from scipy.stats import ttest_rel
+
+    from sonocad.metrics import delong_test
+
+    def fmt(v):
+        v = [x for x in v if x is not None]
+        return f"{np.mean(v):.3f} +- {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}" if v else "n/a"
+
+    for fold in sorted({r["fold"] for r in rows}):
+        print(f"\nBUS-BRA fold {fold} (candidate: AUC, lesion Dice, BUSI held-out AUC, BUSI Dice, train s; mean +- sd "
+              "over seeds; vs the reference: paired t over seeds, DeLong p per seed)")
+        ref = {r["seed"]: r for r in rows if r["candidate"] == reference and r["fold"] == fold}
+        for name in dict.fromkeys(r["candidate"] for r in rows):
+            mine = {r["seed"]: r for r in rows if r["candidate"] == name and r["fold"] == fold}
+            line = (f"  {name:18s} n_seeds={len(mine)}  AUC {fmt([r['auc'] for r in mine.values()])}  Dice "
+                    f"{fmt([r['dice'] for r in mine.values()])}  BUSI {fmt([r['busi_auc'] for r in mine.values()])}  "
+                    f"BUSI Dice {fmt([r['busi_dice'] for r in mine.values()])}  "
+                    f"{np.mean([r['train_seconds'] for r in mine.values()]):.0f} s")
+            shared = sorted(set(mine) & set(ref))
+            if name != reference and len(shared) >= 2:
+                diff = [mine[s]["auc"] - ref[s]["auc"] for s in shared]
+                p = ttest_rel([mine[s]["auc"] for s in shared], [ref[s]["auc"] for s in shared]).pvalue
+                delong = []
+                for s in shared:
+                    pa, ya, a = _predictions(mine[s]["predictions"])
+                    pb, _, b = _predictions(ref[s]["predictions"])
+                    assert pa == pb, "paired tests need the same images"
+                    delong.append(delong_test(ya, a, b)["p_value"])
+                line += f"  diff {np.mean(diff):+.3f} (t-test p={p:.3f}; DeLong p {', '.join(f'{q:.3f}' for q in delong)})"
+            print(line)
+        readers = [r["readers_auc"] for r in ref.values() if r.get("readers_auc") is not None]
+        if readers:
+            print(f"  readers' BI-RADS AUC on these images: {readers[0]:.3f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", default=str(ROOT / "runs" / "cand"))
+    ap.add_argument("--confirm", action="store_true", help="also evaluate on fold 2 (once per candidate to ship)")
+    ap.add_argument("--list", action="store_true")
+    a = ap.parse_args(argv)
+    if a.list or not a.names:
+        for name, (overrides, options) in CANDIDATES.items():
+            print(f"{name:18s} train {overrides} evaluate {options}")
+        return 0
+    unknown = [n for n in a.names if n not in CANDIDATES]
+    if unknown:
+        print(f"unknown candidate(s): {', '.join(unknown)} (see --list)", file=sys.stderr)
+        return 2
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import subprocess
+
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
+    print(f"machine: {model}")
+    rows = measure(a.names, a.seeds, out, [1, 2] if a.confirm else [1])
+    summarize(rows, a.names[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
