@@ -106,7 +106,7 @@ def measure(names: list[str], seeds: list[int], out: Path, folds: list[int]) -> 
                        "busi_auc": m_busi["auc"], "busi_dice": m_busi.get("segmentation", {}).get("dice_mean"),
                        "auc": m["auc"], "auc_ci": m["auc_ci"], "n": m["n"],
                        "dice": m.get("segmentation", {}).get("dice_mean"),
-                       "readers_auc": m.get("reader", {}).get("readers", {}).get("auc"),
+                       "readers_auc": m.get("reader", {}).get("auc"),
                        "predictions": str(where / "predictions.csv")}
                 with results.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -152,9 +152,11 @@ def summarize(rows: list[dict], reference: str) -> None:
                     delong.append(delong_test(ya, a, b)["p_value"])
                 line += f"  diff {np.mean(diff):+.3f} (t-test p={p:.3f}; DeLong p {', '.join(f'{q:.3f}' for q in delong)})"
             print(line)
-        readers = [r["readers_auc"] for r in ref.values() if r.get("readers_auc") is not None]
-        if readers:
-            print(f"  readers' BI-RADS AUC on these images: {readers[0]:.3f}")
+        for r in list(ref.values())[:1]:
+            reader = json.loads((Path(r["predictions"]).parent / "metrics.json").read_text()).get("reader")
+            if reader:
+                print(f"  readers' BI-RADS AUC on these images: {reader['auc']:.3f} ({reader['auc_ci'][0]:.3f}-"
+                      f"{reader['auc_ci'][1]:.3f})")
 
 
 def main(argv=None) -> int:

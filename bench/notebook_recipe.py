@@ -127,7 +127,8 @@ def sonocad_epoch(recipe: str, paths_train, y, paths_val, yv, tmp: Path, **overr
     from sonocad.infer import InputPipeline, resolve_precision
     from sonocad.models import input_config
     from sonocad.prepare import Split
-    from sonocad.trainer import Trainer, build_model
+    from sonocad.starting import build_model
+    from sonocad.trainer import Trainer
 
     cfg = TrainConfig.from_recipe(recipe, head_epochs=0, finetune_epochs=1, patience=10 ** 6, offline_augment=0,
                                   **overrides)

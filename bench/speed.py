@@ -37,7 +37,8 @@ from sonocad.infer import InputPipeline, cpu_has_fast_bf16, resolve_precision, r
 from sonocad.models import fold_batchnorm, freeze_batchnorm, input_config, set_trainable  # noqa: E402
 from sonocad.prepare import Split  # noqa: E402
 from sonocad.optim import make_loss, make_optimizer, weight_average  # noqa: E402
-from sonocad.trainer import Trainer, build_model  # noqa: E402
+from sonocad.starting import build_model  # noqa: E402
+from sonocad.trainer import Trainer  # noqa: E402
 
 BUSI = ROOT.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
 CLASSES = ["benign", "malignant"]

@@ -13,7 +13,7 @@ from sonocad.errors import OptionError
 from sonocad.infer import resolve_precision
 from sonocad.predictor import Predictor
 from sonocad.rundir import kind
-from sonocad.trainer import build_model
+from sonocad.starting import build_model
 
 
 def test_calibrated_run_rescales_probabilities_and_chooses_points_on_the_local_set(tiny_run, phantoms, tmp_path, capsys):

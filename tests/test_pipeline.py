@@ -94,7 +94,8 @@ def test_notebook_recipe_runs(phantoms, tmp_path):
     from sonocad.infer import InputPipeline, resolve_precision
     from sonocad.prepare import prepare_data, split_train_val
     from sonocad.train import fit
-    from sonocad.trainer import Trainer, build_model
+    from sonocad.starting import build_model
+    from sonocad.trainer import Trainer
 
     cfg = TrainConfig.from_recipe("notebook", model="resnet18", pretrained=False, img_size=48,
                                   head_epochs=1, finetune_epochs=1, offline_augment=2)

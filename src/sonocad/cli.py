@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="train a classifier and evaluate it on held-out data")
     _train_args(p)
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="train with N processes (DistributedDataParallel: one per GPU, or gloo on CPU cores); "
+                   "runs torchrun --standalone --nproc-per-node N -m sonocad train ...")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cv", help="stratified group K-fold cross-validation of the training recipe")
@@ -80,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=1, help="repeat with different seeds")
     p.add_argument("--external", help="also evaluate every fold model (and their ensemble) on this dataset")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="train N folds at once, each in its own "
+                   "process (one per GPU or a share of the CPU cores); the same figures as one after the other")
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("compare", help="paired DeLong test of two runs on the same images")
@@ -195,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         from .allocator import tune_allocator
 
         tune_allocator()

@@ -28,8 +28,11 @@ def _config(a):
 
 
 def cmd_train(a) -> None:
+    from . import dist
     from .train import fit
 
+    if a.devices != 1 and not dist.launched():
+        return _launch(a)
     given = {}
     if a.resume:
         if a.out and Path(a.out).resolve() != Path(a.resume).resolve():
@@ -43,6 +46,8 @@ def cmd_train(a) -> None:
     _TRAINING.append(Path(a.out))
     m = fit(a.data, a.out, cfg, test_data=a.test_data, progress=not a.quiet, resume=bool(a.resume),
             overwrite=a.overwrite, **given)
+    if not dist.is_main():
+        return
     warn_bad(m["data"].get("skipped_bad_images", []))
     print_metrics(m, "test")
     print_explanation(m)
@@ -50,6 +55,25 @@ def cmd_train(a) -> None:
     print(f"time: {t['total']:.0f} s (data {t['data']:.0f}, phase 1 {t['phase1_head']:.0f}, "
           f"phase 2 {t['phase2_finetune']:.0f}), precision {m['precision']}")
     print(f"report: {Path(a.out) / 'report.html'}")
+
+
+def _launch(a) -> None:
+    """`train --devices N`: the same command under torchrun, N processes on this machine."""
+    import subprocess
+
+    if not 1 <= a.devices <= 1024:
+        raise OptionError("devices", f"must be between 1 and 1024, not {a.devices}")
+    argv, skip = [], False
+    for arg in a.argv:
+        if skip or arg == "--devices":
+            skip = not skip and arg == "--devices"
+            continue
+        if not arg.startswith("--devices="):
+            argv.append(arg)
+    rc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                         f"--nproc-per-node={a.devices}", "-m", "sonocad", *argv]).returncode
+    if rc:
+        raise SystemExit(rc)
 
 
 def cmd_evaluate(a) -> None:
@@ -148,7 +172,7 @@ def cmd_cv(a) -> None:
                            "in --out by itself (choose a new --out to start again)")
     cfg = _config(a)
     m = cross_validate(a.data, a.out, cfg, folds=a.folds, repeats=a.repeats, external=a.external,
-                       progress=not a.quiet)
+                       progress=not a.quiet, workers=a.workers)
     warn_bad(m["data"].get("skipped_bad_images", []))
     print_metrics(m["pooled"], f"pooled out-of-fold ({a.folds} folds)")
     ms = m["mean_sd"]["auc"]

@@ -72,6 +72,9 @@ class TrainConfig:
     val_size: float = option(0.15, "validation fraction of what is not held out for testing")
     test_size: float = option(0.2, "held-out test fraction (when no separate test data is given)")
     skip_bad: bool = option(False, "leave out unreadable images, with a warning")
+    image_cache: str = option("auto", "where the decoded images are kept: memory, or a file on disk read a batch at "
+                              "a time (built once, reused; $SONOCAD_CACHE/images); auto: disk above 2 GiB",
+                              choices=("auto", "memory", "disk"))
     frames: str = option("first", "frames of a multi-frame DICOM file (cine loop) to use: the first, the middle one, "
                          "or all (each a sample; a file's frames never cross a split)", choices=("first", "middle", "all"))
     # phase 1: frozen backbone, head only
@@ -228,6 +231,7 @@ class RunInfo:
     temperature: float = 1.0
     version: str = ""
     mask_head: bool = False     # the model has the lesion-mask decoder (trained on masks, seg_weight > 0)
+    distributed: dict = field(default_factory=dict)     # {world_size, backend} of a run trained by several processes
 
     @property
     def binary(self) -> bool:

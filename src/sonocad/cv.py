@@ -9,9 +9,11 @@ optionally every fold model (and their ensemble) on an external site.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
 from . import rundir
@@ -25,12 +27,12 @@ from .metrics import binary_metrics
 from .operating import choose_operating_points
 from .models import parameter_count
 from .predictor import predict_images
-from .prepare import Prepared, data_summary, decode_split, decode_task, find_task, split_train_val
+from .prepare import Prepared, Split, data_summary, decode_split, decode_task, find_task, split_train_val
 from .report import html_table
 from .rundir import RunLock
 from .results import read_predictions, score_predictions, write_evaluation
 from .train import run_info, train_and_evaluate
-from .trainer import build_model, check_disk_space, seed_everything
+from .starting import build_model, check_disk_space, seed_everything
 
 # per-fold figures (multi-class tasks have no CI, sensitivity or specificity)
 FOLD_KEYS = ("auc", "auc_ci", "sensitivity", "specificity", "balanced_accuracy", "accuracy", "n")
@@ -57,34 +59,39 @@ def _mean_sd(values: list[float]) -> list[float]:
 
 
 def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, repeats: int = 1,
-                   external=None, progress: bool = True, **overrides) -> dict:
+                   external=None, progress: bool = True, workers: int = 1, **overrides) -> dict:
     """K-fold cross-validation of the training recipe on `data` (one folder/manifest or a list: sites).
 
     Each fold is a complete run directory (out/fold-K, or out/repeat-R/fold-K) usable with evaluate
     and predict; finished folds are reused when the command is run again. Writes out/metrics.json,
-    out/oof_predictions.csv (path,label,group,fold,prob), plots and report.html."""
+    out/oof_predictions.csv (path,label,group,fold,prob), plots and report.html. `workers`: folds trained at
+    once, each in its own process (the same figures as one after the other, given the same threads per process:
+    cfg.threads)."""
     cfg = (cfg or TrainConfig.from_recipe(overrides.pop("recipe", "default"), **overrides)).validate()
     if folds < 2:
         raise OptionError("folds", f"must be at least 2, not {folds}")
     if repeats < 1:
         raise OptionError("repeats", f"must be at least 1, not {repeats}")
+    if not 1 <= workers <= 256:
+        raise OptionError("workers", f"must be between 1 and 256, not {workers}")
     with RunLock(out) as lock:
         out = lock.run
         st = rundir.state(out)
         if st == "other" or (st == "finished" and rundir.kind(out) != "cv") or (out / "config.json").exists():
             raise OptionError("out", f"{out} holds something other than a cross-validation; choose a new folder")
         (out / rundir.MARKER).unlink(missing_ok=True)     # in progress again until its summary is rewritten
-        metrics = _cross_validate(data, ensure_writable_dir(out), cfg, folds, repeats, external, progress)
+        metrics = _cross_validate(data, ensure_writable_dir(out), cfg, folds, repeats, external, progress, workers)
         rundir.finish(out, ["metrics.json", "oof_predictions.csv", "report.html"], kind="cv")
     return metrics
 
 
-def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int, external, progress: bool) -> dict:
+def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int, external, progress: bool,
+                    workers: int = 1) -> dict:
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
     task = find_task(data, cfg)
     classes, positive, img_size = task.classes, task.positive, task.img_size
-    precision = resolve_precision(cfg.precision)
+    resolve_precision(cfg.precision)       # an impossible precision fails before any image is decoded
     check_disk_space(out, folds * repeats * parameter_count(cfg.model, 1 if len(classes) == 2 else len(classes),
                                                             cfg.hidden))
     prepared = decode_task(task, cfg, progress)
@@ -96,7 +103,6 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
         ext_samples = discover(external, classes, allow_missing_classes=True, frames=cfg.frames)
         ext, bad_ext = decode_split(ext_samples, classes, cfg, img_size, "external")
         bad += bad_ext
-    pipeline = InputPipeline(task.mean, task.std, precision)
 
     oof = np.zeros((repeats, len(full.y), len(classes)))
     fold_thresholds: list[dict] = [{} for _ in full.y]      # each sample's fold's operating points (repeat 1)
@@ -104,6 +110,7 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
     fold_of = np.zeros((repeats, len(full.y)), int)
     ext_probs = []
     per_fold = []
+    jobs: list[FoldJob] = []        # the folds to train (finished ones are reused)
     for r in range(repeats):
         seed = cfg.seed + 1000 * r
         fold_of[r] = fold_indices(full.y, groups, sites, folds, seed)
@@ -111,7 +118,6 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
             fold_dir = out / (f"repeat-{r + 1}/" if repeats > 1 else "") / f"fold-{k + 1}"
             held = np.flatnonzero(fold_of[r] == k)
             rest = np.flatnonzero(fold_of[r] != k)
-            test = full.take(held)
             ext_csv = fold_dir / "external" / "predictions.csv"
             fold_cfg = TrainConfig.from_dict({**cfg.to_dict(), "seed": seed + k})
             done = rundir.kind(fold_dir) == "train" and (not ext or ext_csv.is_file())
@@ -119,22 +125,16 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
                 _check_reused_fold(fold_dir, fold_cfg)
             else:
                 (fold_dir / rundir.MARKER).unlink(missing_ok=True)   # trained again in place: unfinished until done
-                train, val = split_train_val(full.take(rest), fold_cfg)
-                summary = data_summary(data, f"fold {k + 1} of {folds}", prepared, train, val, test,
-                                       bad[len(prepared.bad):], fold_cfg.offline_augment)
-                info = run_info(fold_cfg, prepared, summary)
-                # the fold's own seed before its head is drawn: a fold trained again alone, or after a
-                # fresh instead of a cached duplicate search, starts where it started the first time
-                seed_everything(fold_cfg.seed)
-                model = build_model(fold_cfg, len(classes), precision, classes, info.mask_head)
-                ensure_writable_dir(fold_dir)
-                if progress:
-                    print(f"fold {k + 1}/{folds}" + (f" (repeat {r + 1})" if repeats > 1 else ""), flush=True)
-                train_and_evaluate(model, info, train, val, test, fold_dir, precision, progress)
-                if ext:
-                    p_ext = predict_images(model, pipeline, ext.images, cfg.tta, zooms=cfg.tta_zooms)
-                    write_evaluation(fold_dir / "external", score_predictions(ext.y, p_ext, info), ext.samples,
-                                     ext.y, p_ext, info, title=f"fold {k + 1} model on {external}")
+                name = f"fold {k + 1}/{folds}" + (f" (repeat {r + 1})" if repeats > 1 else "")
+                jobs.append(FoldJob(data, prepared, rest, held, fold_cfg, f"fold {k + 1} of {folds}", fold_dir,
+                                    bad[len(prepared.bad):], ext, external, name))
+    run_folds(jobs, workers, progress)
+    for r in range(repeats):
+        for k in range(folds):
+            fold_dir = out / (f"repeat-{r + 1}/" if repeats > 1 else "") / f"fold-{k + 1}"
+            held = np.flatnonzero(fold_of[r] == k)
+            test = full.take(held)
+            ext_csv = fold_dir / "external" / "predictions.csv"
             # fresh and reused folds alike are read back from their files, so a re-run gives the same numbers
             paths, probs = read_predictions(fold_dir / "predictions.csv", classes)
             if paths != [s.path for s in test.samples]:
@@ -207,6 +207,78 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
                      title=f"sonocad {folds}-fold cross-validation", extra_columns=extra_cols,
                      extra_sections=[s for s in sections if s], predictions_name="oof_predictions.csv")
     return metrics
+
+
+@dataclass
+class FoldJob:
+    """Everything one fold's training needs, picklable so that a worker process can run it."""
+
+    data: object
+    prepared: Prepared
+    rest: np.ndarray
+    held: np.ndarray
+    cfg: TrainConfig
+    test_source: str
+    fold_dir: Path
+    bad: list
+    ext: Split | None
+    external: object
+    name: str
+
+
+def train_fold(job: FoldJob, progress: bool = False) -> str:
+    """Train one fold into its run directory (and predict the external data with it); returns its name."""
+    cfg, prepared = job.cfg, job.prepared
+    classes, full = prepared.classes, prepared.full
+    precision = resolve_precision(cfg.precision)
+    test = full.take(job.held)
+    train, val = split_train_val(full.take(job.rest), cfg)
+    summary = data_summary(job.data, job.test_source, prepared, train, val, test, job.bad, cfg.offline_augment)
+    info = run_info(cfg, prepared, summary)
+    # the fold's own seed before its head is drawn: a fold trained again alone, or in another process, or
+    # after a fresh instead of a cached duplicate search, starts where it started the first time
+    seed_everything(cfg.seed)
+    model = build_model(cfg, len(classes), precision, classes, info.mask_head)
+    ensure_writable_dir(job.fold_dir)
+    if progress:
+        print(job.name, flush=True)
+    train_and_evaluate(model, info, train, val, test, job.fold_dir, precision, progress)
+    if job.ext is not None:
+        pipeline = InputPipeline(info.mean, info.std, precision)
+        p_ext = predict_images(model, pipeline, job.ext.images, cfg.tta, zooms=cfg.tta_zooms)
+        write_evaluation(job.fold_dir / "external", score_predictions(job.ext.y, p_ext, info), job.ext.samples,
+                         job.ext.y, p_ext, info, title=f"{job.name} model on {job.external}")
+    return job.name
+
+
+def _worker_start(threads: int, counter) -> None:
+    """A fold worker: its share of the CPU threads, and on CUDA a GPU of its own (worker i takes GPU i mod N)."""
+    torch.set_num_threads(threads)
+    with counter.get_lock():
+        index, counter.value = counter.value, counter.value + 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(index % torch.cuda.device_count())
+
+
+def run_folds(jobs: list[FoldJob], workers: int = 1, progress: bool = True) -> None:
+    """Train `jobs` one after the other, or `workers` at a time in separate processes (each with its share of
+    the CPU threads unless cfg.threads says otherwise). Each fold seeds itself, so the order does not matter."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            train_fold(job, progress)
+        return
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = jobs[0].cfg.threads or max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_worker_start,
+                             initargs=(threads, context.Value("i", 0))) as pool:
+        for done in as_completed([pool.submit(train_fold, job) for job in jobs]):
+            name = done.result()        # a fold's error stops the cross-validation, as in one process
+            if progress:
+                print(f"{name}: done", flush=True)
 
 
 def _check_reused_fold(fold_dir: Path, fold_cfg: TrainConfig) -> None:

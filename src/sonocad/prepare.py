@@ -20,6 +20,7 @@ import torch
 
 from .config import TrainConfig
 from .data import discover, load_many, resolve_classes, stratified_group_split, undersample
+from .data.cache import AUTO_DISK_BYTES, cached_images, cached_masks
 from .data.images import load_mask
 from .data.augment import augment_batch
 from .data.split import group_ids
@@ -92,6 +93,11 @@ def find_task(data, cfg: TrainConfig) -> Task:
     return Task(samples, classes, positive, img_size, mean, std)
 
 
+def on_disk(cfg: TrainConfig, n: int, size: int) -> bool:
+    """Whether decoded images go to the on-disk cache: asked for, or (auto) more than 2 GiB of them."""
+    return cfg.image_cache == "disk" or (cfg.image_cache == "auto" and n * size * size > AUTO_DISK_BYTES)
+
+
 def trains_mask_head(cfg: TrainConfig, samples: list) -> bool:
     """Lesion-aware training: a mask decoder is trained when cfg.seg_weight > 0 and some samples have masks."""
     return cfg.seg_weight > 0 and any(s.masks for s in samples)
@@ -111,16 +117,22 @@ def prepare_data(data, cfg: TrainConfig, progress: bool = False) -> Prepared:
 
 
 def decode_split(samples, classes: list[str], cfg: TrainConfig, img_size: int, what: str) -> tuple[Split, list[str]]:
-    """Decode every image once (a bad one raises SonocadError, unless cfg.skip_bad)."""
-    images, good, bad = load_many([s.path for s in samples], img_size, cfg.resize, cfg.skip_bad,
-                                  clean_overlays=cfg.clean_overlays)
+    """Decode every image once (a bad one raises SonocadError, unless cfg.skip_bad): into memory, or into the
+    on-disk cache (cfg.image_cache) for data larger than memory."""
+    paths = [s.path for s in samples]
+    disk = on_disk(cfg, len(paths), img_size)
+    if disk:
+        images, good, bad = cached_images(paths, img_size, cfg.resize, cfg.skip_bad, cfg.clean_overlays)
+    else:
+        images, good, bad = load_many(paths, img_size, cfg.resize, cfg.skip_bad, clean_overlays=cfg.clean_overlays)
     samples = [samples[i] for i in good]
     if not samples:
         raise SonocadError(f"no readable images left in the {what} data")
     y = np.asarray([classes.index(s.label) for s in samples])
     masks = known = None
     if trains_mask_head(cfg, samples):
-        masks, known, bad_masks = decode_masks(samples, img_size, cfg.resize, cfg.skip_bad)
+        masks, known, bad_masks = (cached_masks(samples, img_size, cfg.resize, cfg.skip_bad) if disk else
+                                   decode_masks(samples, img_size, cfg.resize, cfg.skip_bad))
         bad = bad + bad_masks
     if what == "training":
         for c, name in enumerate(classes):
@@ -265,9 +277,9 @@ def offline_augment(split: Split, copies: int, seed: int) -> Split:
     if copies <= 0:
         return split
     gen = torch.Generator().manual_seed(seed + 7919)
-    base = torch.from_numpy(split.images).unsqueeze(1).float() / 255
-    masks = None if split.masks is None else torch.from_numpy(split.masks).unsqueeze(1).float()
-    images, warped = [split.images], [split.masks]
+    base = torch.from_numpy(np.asarray(split.images)).unsqueeze(1).float() / 255     # copies live in memory
+    masks = None if split.masks is None else torch.from_numpy(np.asarray(split.masks, bool)).unsqueeze(1).float()
+    images, warped = [np.asarray(split.images)], [None if split.masks is None else np.asarray(split.masks, bool)]
     for _ in range(copies):
         out = augment_batch(base, gen, masks=masks)
         x, m = out if masks is not None else (out, None)

@@ -16,7 +16,7 @@ from . import __version__
 from .config import RunInfo, TrainConfig
 from .data import discover
 from .infer import InputPipeline, Precision, resolve_precision, run_batches
-from . import rundir
+from . import dist, rundir
 from .errors import OptionError, SonocadError
 from .io import ensure_writable_dir
 from .metrics import fit_temperature
@@ -29,7 +29,8 @@ from .prepare import (Prepared, Split, check_same_data, data_record, data_summar
 from .results import score_predictions, write_evaluation
 from .rundir import RunLock, prepare_output, swap_in
 from .segment import segmentation_report
-from .trainer import Trainer, build_model, check_disk_space, read_checkpoint, seed_everything
+from .starting import build_model, check_disk_space, seed_everything
+from .trainer import Trainer, read_checkpoint
 
 # a finished run's files, committed together by run.json
 RUN_FILES = ("config.json", "model.safetensors", "log.csv", "metrics.json", "predictions.csv", "report.html")
@@ -41,12 +42,17 @@ def train_and_evaluate(model: Classifier, info: RunInfo, train: Split, val: Spli
     """Train `model` on train/val, pick operating points on val, evaluate on test and write the run
     directory. Returns the test metrics."""
     cfg = info.config
-    info.save(out / "config.json")
+    info.distributed = dist.record()
+    if dist.is_main():
+        info.save(out / "config.json")
     pipeline = InputPipeline(info.mean, info.std, precision)
     # seed again here: whatever ran before (a cached or a fresh duplicate search) must not change training
     seed_everything(cfg.seed)
-    trainer = Trainer(model, train, val, len(info.classes), cfg, precision, pipeline, out, progress, resume)
+    trainer = Trainer(model, train, val, len(info.classes), cfg, precision, pipeline, out,
+                      progress and dist.is_main(), resume)
     model = trainer.run()
+    if not dist.is_main():      # rank 0 evaluates and writes the run; the others return its figures
+        return dist.broadcast(None)
     fast = fold_batchnorm(model)     # the same inference model that evaluate and predict load
     if cfg.temperature_scaling and info.binary:
         val_logits = run_batches(fast, val.images, pipeline, tta=cfg.tta, zooms=cfg.tta_zooms)[:, 0]
@@ -76,7 +82,7 @@ def train_and_evaluate(model: Classifier, info: RunInfo, train: Split, val: Spli
     write_evaluation(out, metrics, test.samples, test.y, test_prob, info, trainer.log,
                      extra_sections=[s for s in sections if s] or None)
     rundir.finish(out, list(RUN_FILES))
-    return metrics
+    return dist.broadcast(metrics)
 
 
 def run_info(cfg: TrainConfig, prepared: Prepared, summary: dict) -> RunInfo:
@@ -98,6 +104,10 @@ def fit(data, out, cfg: TrainConfig | None = None, test_data=None, progress: boo
     when finished, so the old run stays whole until then."""
     if resume and overwrite:
         raise OptionError("overwrite", "replaces a run; it cannot be combined with resume")
+    dist.init()
+    if not dist.is_main():      # under torchrun: rank 0 holds the lock and prepares the folder, then all train
+        cfg, work = dist.broadcast(None)
+        return _fit(data, Path(work), cfg, test_data, False, resume)
     with RunLock(out) as lock:
         out = lock.run
         if resume:
@@ -107,7 +117,9 @@ def fit(data, out, cfg: TrainConfig | None = None, test_data=None, progress: boo
             cfg = (cfg or TrainConfig.from_recipe(overrides.pop("recipe", "default"), **overrides)).validate()
             work = prepare_output(out, allowed_kind="", overwrite=overwrite)
         try:
-            metrics = _fit(data, ensure_writable_dir(work), cfg, test_data, progress, resume)
+            work_dir = ensure_writable_dir(work)
+            dist.broadcast((cfg, str(work_dir)))
+            metrics = _fit(data, work_dir, cfg, test_data, progress, resume)
         except BaseException:
             if work != out:
                 rundir.remove(work)      # a replacement that did not finish: the old run stays as it was
@@ -159,7 +171,7 @@ def _fit(data, out: Path, cfg: TrainConfig, test_data, progress: bool, resume: b
     else:
         rest, test = hold_out_test(prepared.full, cfg)
     train, val = split_train_val(rest, cfg)
-    if not resume:      # written once the data proved readable: a run that fails before training leaves nothing
+    if not resume and dist.is_main():      # written once the data proved readable: a run that fails before training leaves nothing
         write_data_record(out / "checkpoints" / "data.json", record)
     summary = data_summary(data, str(test_data) if test_data else "held-out part of the training data",
                            prepared, train, val, test, bad_test, cfg.offline_augment)

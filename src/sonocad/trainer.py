@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import io
 import json
 import math
-import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +22,16 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
+from . import dist
 from .config import TrainConfig
-from .errors import OptionError, SonocadError, SonocadWarning
+from .errors import SonocadError
 from .infer import InputPipeline, Precision, run_batches
 from .maskhead import mask_loss
 from .io import atomic_path, atomic_write_text
 from .metrics import binary_metrics, multiclass_metrics
-from .models import (Classifier, create_model, fold_batchnorm, freeze_batchnorm, save_model, set_trainable,
-                     trained_model)
+from .models import Classifier, fold_batchnorm, freeze_batchnorm, save_model, set_trainable
 from .optim import make_loss, make_optimizer, warmup_cosine, weight_average
+from .data.cache import DiskImages
 from .prepare import Split, offline_augment
 
 
@@ -85,11 +85,39 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
-def _n_batches(n: int, batch_size: int) -> int:
+class _BatchSet(torch.utils.data.Dataset):
+    """Batch k of an epoch read from the on-disk image cache (and its masks), for a DataLoader's workers."""
+
+    def __init__(self, train: Split, batches: list, masks: bool):
+        self.train, self.batches, self.masks = train, batches, masks
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int):
+        idx = self.batches[k]
+        masks = np.asarray(self.train.masks[idx]) if self.masks else None
+        return idx, np.asarray(self.train.images[idx]), masks
+
+
+def read_batches(train: Split, batches: list, masks: bool, workers: int = 2):
+    """(indices, uint8 images, masks or None) of each batch: sliced from memory, or read ahead from the on-disk
+    cache by `workers` DataLoader processes while the model trains on the batch before."""
+    if not isinstance(train.images, DiskImages):
+        return ((idx, train.images[idx], train.masks[idx] if masks else None) for idx in batches)
+    loader = torch.utils.data.DataLoader(_BatchSet(train, batches, masks), batch_size=None, num_workers=workers,
+                                         prefetch_factor=2, collate_fn=lambda item: item,
+                                         generator=torch.Generator().manual_seed(0))   # leaves the global RNG (dropout) alone
+    return iter(loader)
+
+
+def _n_batches(n: int, batch_size: int, world: int = 1) -> int:
+    """Steps per epoch: global batches of world x batch_size images; a trailing one is kept when every rank gets
+    at least two images of it (one image makes a noisy step)."""
     if batch_size == 1:
-        return n
-    full, rest = divmod(n, batch_size)
-    return full + (1 if rest > 1 or n == 1 else 0)
+        return n // world
+    full, rest = divmod(n, batch_size * world)
+    return full + (1 if rest >= 2 * world or n == 1 else 0)
 
 
 class Trainer:
@@ -131,8 +159,9 @@ class Trainer:
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
-        with atomic_path(self.ckpt_dir / "last.pt") as tmp:
-            torch.save(state, tmp)
+        if dist.is_main():
+            with atomic_path(self.ckpt_dir / "last.pt") as tmp:
+                torch.save(state, tmp)
 
     def _restore(self) -> None:
         path = self.ckpt_dir / "last.pt"
@@ -171,7 +200,8 @@ class Trainer:
             self._checkpoint()
         if self.stopper.state is not None:   # else no epoch ran: the initial model is the result
             self.model.load_state_dict(self.stopper.state)
-        save_model(self.model, self.out / "model.safetensors")
+        if dist.is_main():
+            save_model(self.model, self.out / "model.safetensors")
         return self.model.eval()
 
     def _timed(self, phase: str, fn) -> None:
@@ -180,10 +210,21 @@ class Trainer:
         self.seconds[phase] += time.perf_counter() - t0
 
     def _batches(self, n: int):
+        """This rank's part of each batch of an epoch: one permutation drawn with the seed all ranks share."""
         order = torch.randperm(n, generator=self.gen).numpy()
-        bs = self.cfg.batch_size
-        # a trailing batch of one image would make a noisy last step: dropped, unless every batch is one image
-        return [order[i:i + bs] for i in range(0, n, bs) if len(order[i:i + bs]) > 1 or n == 1 or bs == 1]
+        step = self.cfg.batch_size * dist.world_size()
+        batches = [order[i:i + step] for i in range(0, n, step)][:_n_batches(n, self.cfg.batch_size, dist.world_size())]
+        return [dist.shard(b) for b in batches]
+
+    def _augment_gen(self) -> torch.Generator | None:
+        """The generator of the training augmentation: the shared one in one process; with several ranks each
+        draws its own views, from a seed of (seed, rank, phase, epoch) so a resumed run draws them again."""
+        if not self.cfg.augment:
+            return None
+        if not dist.active():
+            return self.gen
+        key = f"{self.cfg.seed}/{dist.rank()}/{self.phase}/{self.epoch}".encode()
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
 
     def _cached_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features computed once: the training images as they are plus `feature_views`
@@ -213,8 +254,9 @@ class Trainer:
             views.append(torch.cat(feats))
         f_train = torch.cat(views)
         f_val = torch.from_numpy(run_batches(backbone, self.val.images, self.pipeline))
-        with atomic_path(path) as tmp:
-            torch.save({"train": f_train, "val": f_val}, tmp)
+        if dist.is_main():
+            with atomic_path(path) as tmp:
+                torch.save({"train": f_train, "val": f_val}, tmp)
         return f_train, f_val
 
     def phase_head(self) -> None:
@@ -225,7 +267,9 @@ class Trainer:
             return
         model.eval()
         y = torch.from_numpy(self.train.y)
-        if cfg.cache_features:
+        # features of images kept on disk would fill the memory the disk cache saves: computed on the fly instead
+        cached = cfg.cache_features and not isinstance(self.train.images, DiskImages)
+        if cached:
             f_train, f_val = self._cached_features()
             y = y.repeat(len(f_train) // len(y))
         head = model.head
@@ -234,24 +278,25 @@ class Trainer:
         self._resume_into(opt, sched)
         bar = tqdm(range(self.epoch, cfg.head_epochs), desc="phase 1 (head)", disable=not self.progress,
                    unit="epoch")
+        net = dist.wrap(head if cached else model)
         for _ in bar:
             if self.stopper.should_stop:
                 break
             t0 = time.perf_counter()
             head.train()
-            losses = []
+            losses, aug = [], self._augment_gen()
             for idx in self._batches(len(y)):
-                if cfg.cache_features:
-                    logits = head(f_train[idx].to(self.precision.device))
+                if cached:
+                    logits = net(f_train[idx].to(self.precision.device))
                 else:
-                    x = self.pipeline(self.train.images[idx], self.gen if cfg.augment else None)
+                    x = self.pipeline(self.train.images[idx], aug)
                     with self.precision.autocast():
-                        logits = model(x)
+                        logits = net(x)
                 losses.append(self._step(opt, self._loss(logits, y[idx])))
             lr = opt.param_groups[0]["lr"]
             sched.step()
             head.eval()
-            if cfg.cache_features:
+            if cached:
                 with torch.no_grad():
                     val_logits = head(f_val.to(self.precision.device)).float().cpu().numpy()
             else:
@@ -272,11 +317,13 @@ class Trainer:
             self.stopper.bad_epochs, self.stopper.best = 0, math.inf
         counts = set_trainable(model, cfg.unfreeze)
         opt = make_optimizer(model.parameters(), cfg, cfg.finetune_lr)
-        per_epoch = _n_batches(len(self.train.y), cfg.batch_size)
+        per_epoch = _n_batches(len(self.train.y), cfg.batch_size, dist.world_size())
         total = max(1, cfg.finetune_epochs * per_epoch)
         warmup = min(per_epoch, total // 10)
         sched = warmup_cosine(opt, warmup, total)
         self.ema = weight_average(model, cfg, per_epoch)
+        with_masks = model.mask_head is not None and self.train.masks is not None
+        net = dist.wrap(dist.TrainingForward(model, with_masks))     # a fresh wrapper: other parameters train now
         self._resume_into(opt, sched)
         scored = self.ema.module if self.ema is not None else model
         y = torch.from_numpy(self.train.y)
@@ -289,8 +336,12 @@ class Trainer:
             model.train()
             freeze_batchnorm(model)
             losses = []
-            for idx in tqdm(self._batches(len(y)), leave=False, disable=not self.progress, unit="batch"):
-                losses.append(self._step(opt, self._batch_loss(idx, y[idx]), sched))
+            aug = self._augment_gen()
+            batches = self._batches(len(y))
+            for idx, images, masks in tqdm(read_batches(self.train, batches, with_masks), total=len(batches),
+                                           leave=False, disable=not self.progress, unit="batch"):
+                loss = self._batch_loss(net, images, masks, self.train.known, idx, y[idx], aug)
+                losses.append(self._step(opt, loss, sched))
                 if self.ema is not None:
                     self.ema.update_parameters(model)
             model.eval()
@@ -300,19 +351,18 @@ class Trainer:
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(logits, y.to(logits.device))
 
-    def _batch_loss(self, idx: np.ndarray, y: torch.Tensor) -> torch.Tensor:
-        """Phase 2's loss on training images `idx`: classification, plus cfg.seg_weight x the lesion-mask loss
-        on those whose mask is known (when the model has a mask head)."""
-        gen = self.gen if self.cfg.augment else None
-        train, model = self.train, self.model
-        if model.mask_head is None or train.masks is None:
-            x = self.pipeline(train.images[idx], gen)
+    def _batch_loss(self, net: nn.Module, images, masks, known, idx: np.ndarray, y: torch.Tensor, gen) -> torch.Tensor:
+        """Phase 2's loss on one batch (uint8 images, their masks or None; rows `idx` of the training part) through
+        `net` (a dist.TrainingForward): classification, plus cfg.seg_weight x the lesion-mask loss on the images
+        whose mask is known."""
+        if masks is None:
+            x = self.pipeline(images, gen)
             with self.precision.autocast():
-                return self._loss(model(x), y)
-        x, masks = self.pipeline.with_masks(train.images[idx], train.masks[idx], gen)
+                return self._loss(net(x)[0], y)
+        x, masks = self.pipeline.with_masks(images, masks, gen)
         with self.precision.autocast():
-            logits, mask_logits = model.forward_with_mask(x)
-        known = torch.from_numpy(train.known[idx]).to(masks.device)
+            logits, mask_logits = net(x)
+        known = torch.from_numpy(known[idx]).to(masks.device)
         return self._loss(logits, y) + self.cfg.seg_weight * mask_loss(mask_logits, masks, known)
 
     def _step(self, opt, loss: torch.Tensor, sched=None) -> float:
@@ -325,7 +375,8 @@ class Trainer:
         return loss.item()
 
     def _end_epoch(self, losses, val_logits, lr, t0, bar, opt, sched, scored: nn.Module | None = None) -> None:
-        scores = _val_scores(val_logits, self.val.y, self.loss_fn, self.n_classes)
+        # every rank validates the same weights on the same images; rank 0's figures decide, so all agree
+        scores = dist.broadcast(_val_scores(val_logits, self.val.y, self.loss_fn, self.n_classes))
         # with weight averaging phase 2 runs its full schedule and keeps the final average: picking an
         # epoch by the loss on a small validation set favours the early, barely fine-tuned ones
         improved = self.stopper.update(scores["val_loss"], scored if scored is not None else self.model,
@@ -338,58 +389,9 @@ class Trainer:
         writer = csv.DictWriter(buf, fieldnames=list(row))
         writer.writeheader()
         writer.writerows(self.log)
-        atomic_write_text(self.out / "log.csv", buf.getvalue())
+        if dist.is_main():
+            atomic_write_text(self.out / "log.csv", buf.getvalue())
         self._checkpoint(opt, sched)
         bar.set_postfix(loss=f"{row['loss']:.3f}", val_loss=f"{scores['val_loss']:.3f}",
                         val_auc=f"{scores['val_auc']:.3f}")
 
-
-def build_model(cfg: TrainConfig, n_classes: int, precision: Precision, classes: list[str] | None = None,
-                mask_head: bool = False) -> Classifier:
-    """The configured backbone + head (from ImageNet, or from the run `cfg.init`, whose head is kept when it
-    was trained on the same `classes`), with the lesion-mask decoder when `mask_head`, on the precision's
-    device and memory layout."""
-    n_out = 1 if n_classes == 2 else n_classes
-    if cfg.init:
-        model = init_model(cfg, n_classes, classes, mask_head)
-    else:
-        model = create_model(cfg.model, n_out, cfg.pretrained, cfg.weights, cfg.hidden, cfg.dropout, mask_head)
-    model = model.to(precision.device)
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def init_model(cfg: TrainConfig, n_classes: int, classes: list[str] | None, mask_head: bool = False) -> Classifier:
-    """A model to fine-tune from the trained run `cfg.init`: its backbone (BatchNorm statistics included), its
-    head when it was trained on the same classes in the same order, its mask decoder when it has one;
-    temperature back to 1."""
-    info, source = trained_model(cfg.init)
-    if info.config.model != cfg.model:
-        raise OptionError("init", f"{cfg.init} is a {info.config.model} model; train it with --model "
-                          f"{info.config.model}, not {cfg.model}")
-    model = Classifier(source.backbone, 1 if n_classes == 2 else n_classes, cfg.hidden, cfg.dropout, mask_head)
-    if classes is not None and info.classes == list(classes) and info.config.hidden == cfg.hidden:
-        model.head.load_state_dict(source.head.state_dict())
-    if mask_head and source.mask_head is not None:
-        model.mask_head.load_state_dict(source.mask_head.state_dict())
-    differ = [f"{k} {getattr(info.config, k)!r}" for k in ("resize", "clean_overlays")
-              if getattr(info.config, k) != getattr(cfg, k)]
-    if differ:
-        warnings.warn(SonocadWarning(f"--init {cfg.init} was trained with {', '.join(differ)}; this run "
-                                     "prepares its images otherwise"))
-    return model
-
-
-def check_disk_space(out: Path, n_parameters: int) -> None:
-    """Refuse to start when the output folder's disk cannot hold the run's files (model, checkpoints)."""
-    need = 6 * 4 * n_parameters + 50 * 2**20
-    free = shutil.disk_usage(out).free
-    if free < need:
-        raise OptionError("out", f"{out}: only {free / 2**20:.0f} MiB free on its disk, a run needs about "
-                          f"{need / 2**20:.0f} MiB")
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
