@@ -1,5 +1,5 @@
 """Duplicate finding: planted copies join their originals, distinct images stay apart, conflicts, CSV,
-settings (validation, fingerprint, honoured)."""
+settings (validation, fingerprint, honoured), the indexed searches (same finds as all pairs, bounded memory)."""
 import csv
 import dataclasses
 import math
@@ -10,7 +10,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import BUSI, need
-from sonocad.dedup import DedupResult, DedupSettings, find_duplicates, link, plant_copy
+from sonocad.dedup import (DedupResult, DedupSettings, Features, candidate_pairs, compute_features, find_duplicates,
+                           group_features, link, phash_similarity, plant_copy)
+from sonocad.dedup.index import hamming_pairs, phash_pairs, similar_pairs
 from sonocad.data.synth import make_phantom
 from sonocad.errors import SonocadError
 
@@ -133,7 +135,8 @@ def test_bad_arguments(planted):
 @pytest.mark.parametrize("field, value", [
     ("method", "ssim"), ("phash_threshold", math.nan), ("match_threshold", "high"), ("embed_model", ""),
     ("embed_size", 8), ("thumb", 64.0), ("central", 0.0), ("view", 1.5), ("blur", -1.0), ("highpass", 0.0),
-    ("scales", ()), ("scales", (1.0, 1.2)), ("mid_block", -1), ("neighbours", 0), ("version", True)])
+    ("scales", ()), ("scales", (1.0, 1.2)), ("mid_block", -1), ("neighbours", 0), ("version", True),
+    ("exact_below", -1), ("ann_ef", 0), ("exact_below", 1.5)])
 def test_impossible_settings_name_the_setting(field, value):
     with pytest.raises(SonocadError, match=f"^{field} must be") as e:
         DedupSettings(**{field: value})
@@ -196,3 +199,68 @@ def test_busi_known_duplicates():
     res = find_duplicates(paths, labels)
     assert res.groups == [[0, 1], [2, 3], [4, 5]]
     assert res.conflicts == [[4, 5]]
+
+
+@pytest.fixture(scope="module")
+def planted_features(planted):
+    return compute_features(planted[0])
+
+
+def test_indexed_search_finds_what_all_pairs_finds(planted, planted_features):
+    """Below exact_below every search compares all pairs; at 0 the HNSW index and the hash buckets
+    must find the same candidates, links and groups (twice: the index is rebuilt the same)."""
+    paths, labels, _ = planted
+    exact, indexed = DedupSettings(), DedupSettings(exact_below=0)
+    assert len(paths) < exact.exact_below
+    cands = candidate_pairs(planted_features, exact)
+    for _ in range(2):
+        np.testing.assert_array_equal(candidate_pairs(planted_features, indexed), cands)
+    assert group_features(planted_features, labels, indexed) == group_features(planted_features, labels, exact)
+    for th in (55 / 64, 40 / 64):
+        for a, b in zip(phash_pairs(planted_features.hashes, th, exact),
+                        phash_pairs(planted_features.hashes, th, indexed)):
+            np.testing.assert_array_equal(a, b)
+    a, b = (similar_pairs(planted_features.embedding, 0.9, s) for s in (exact, indexed))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[1], b[1], atol=1e-5)
+
+
+def test_hash_buckets_find_every_pair_within_the_radius():
+    rng = np.random.default_rng(0)
+    hashes = rng.random((1500, 64)) < 0.5
+    near = hashes[rng.integers(0, 1500, 500)] ^ (rng.random((500, 64)) < rng.uniform(0, 0.2, (500, 1)))
+    hashes = np.concatenate([hashes, near, hashes[:3]])   # near copies and exact ones
+    sim = phash_similarity(hashes, hashes)
+    for radius in (0, 4, 9, 14):
+        pairs, dist = hamming_pairs(hashes, radius)
+        i, j = np.nonzero(np.triu(1 - sim <= radius / 64 + 1e-6, 1))
+        np.testing.assert_array_equal(pairs, np.stack([i, j], 1))
+        np.testing.assert_array_equal(dist, np.round((1 - sim[i, j]) * 64))
+
+
+def test_no_search_builds_an_n_by_n_array():
+    """5,000 images, at least exact_below: an N x N float32 matrix is 100 MB; every search stays under a
+    quarter of it."""
+    import tracemalloc
+
+    n, rng = 5000, np.random.default_rng(0)
+    rows = [rng.standard_normal((n, d)).astype(np.float32) for d in (136, 24, 136)]
+    e, m, v = (r / np.linalg.norm(r, axis=1, keepdims=True) for r in rows)
+    feats = Features([""] * n, rng.random((n, 64)) < 0.5, [], e, m, v)
+    settings = DedupSettings(exact_below=n)
+    tracemalloc.start()
+    try:
+        assert len(candidate_pairs(feats, settings)) >= n * settings.neighbours
+        phash_pairs(feats.hashes, 0.8, settings)
+        similar_pairs(feats.embedding, 0.5, settings)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < n * n, f"peak {peak / 2 ** 20:.0f} MiB"
+
+
+def test_bad_search_sizes_are_one_line_errors(planted):
+    for kw in ({"chunk": 0}, {"batch_size": 0}):
+        with pytest.raises(SonocadError, match="must be") as e:
+            compute_features(planted[0][:2], **kw)
+        assert "\n" not in str(e.value)

@@ -2,14 +2,17 @@
 
 Every image is decoded to gray and its dark borders are trimmed. Three detectors score pairs:
 
-* ``phash``: a 64-bit DCT perceptual hash; score = 1 - Hamming distance / 64, over all pairs.
+* ``phash``: a 64-bit DCT perceptual hash; score = 1 - Hamming distance / 64, over all pairs (from
+  `exact_below` images on, the pairs within the threshold are found through hash buckets).
   Catches exact, resized, re-compressed and overlay-edited copies; not crops or shifts.
 * ``embed``: cosine similarity of ImageNet features of sonocad's default backbone
-  (tf_efficientnet_lite0, ``model.forward_features``), over all pairs. Ultrasound images all look
+  (tf_efficientnet_lite0, ``model.forward_features``), over all pairs (from `exact_below` images on,
+  through an HNSW index). Ultrasound images all look
   alike to an ImageNet network, so at a threshold that links no different patients it catches
   little more than pHash does; it is kept as an option.
 * ``match``: candidate pairs (each image's 10 nearest neighbours by that embedding, by a
-  mid-level one, and by the embedding of its central 75 % against the whole of the others) are
+  mid-level one, and by the embedding of its central 75 % against the whole of the others; exact
+  below `exact_below` images, from faiss HNSW indexes above) are
   verified by normalised cross-correlation of band-passed 64 px thumbnails, searching all
   translations and 10 scales (1.0 down to 0.63) of the central 80 % of one image inside the
   other, both ways; score = the best correlation. Catches crops, shifts and what pHash catches.
@@ -21,8 +24,9 @@ BUSI images against pairs of images of different BUS-BRA patients (docs/dedup.md
 the result is a field of `DedupSettings`; its `fingerprint()` keys caches of the groups.
 
 Modules: `settings` (DedupSettings), `features` (trimming, hashes, thumbnails), `embed` (CNN
-embeddings), `match` (candidates and cross-correlation), `group` (scoring, grouping, results),
-`plant` (synthetic copies for tests and calibration).
+embeddings), `index` (neighbour and hash-bucket searches that scale), `match` (candidates and
+cross-correlation), `group` (scoring, grouping, results), `plant` (synthetic copies for tests and
+calibration).
 
 >>> res = find_duplicates(paths, labels)                # doctest: +SKIP
 >>> res.groups[:2], res.conflicts[:1]                   # doctest: +SKIP

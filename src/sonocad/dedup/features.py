@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.images import load_gray, to_square
+from ..errors import SonocadError
 from .settings import DEFAULT, DedupSettings
 
 
@@ -91,24 +92,42 @@ def _as_gray(x) -> np.ndarray:
 
 
 def compute_features(images, settings: DedupSettings = DEFAULT, *, embed: bool = True, progress: bool = False,
-                     threads: int = 2) -> Features:
+                     threads: int = 2, chunk: int = 2048, batch_size: int = 32) -> Features:
     """Features of `images`: paths (decoded with load_gray) or 8-bit grayscale arrays / PIL images.
-    Without `embed`, no embeddings (enough for method "phash")."""
-    images = list(images)
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        it = pool.map(lambda x: _image_features(_as_gray(x), settings), images)
-        if progress:
-            from tqdm.auto import tqdm
-            it = tqdm(it, total=len(images), desc="decode", leave=False)
-        out = list(it)
-    feats = Features([o[0] for o in out], np.array([o[1] for o in out], bool).reshape(-1, 64),
-                     [o[2] for o in out], settings=settings)
-    if embed:   # whole images, then their central views, in one pass
-        from .embed import embed_images
+    Without `embed`, no embeddings (enough for method "phash"). Images are decoded and embedded `chunk`
+    at a time (whole images, then their central views, `batch_size` a batch), so that memory grows only
+    by the features kept."""
+    from itertools import islice
 
-        size = settings.embed_size
-        e, m = embed_images(np.array([o[3] for o in out] + [o[4] for o in out], np.uint8).reshape(-1, size, size),
-                            settings, progress=progress)
-        n = len(out)
-        feats.embedding, feats.mid, feats.view = e[:n], m[:n], e[n:]
+    for name, v in (("chunk", chunk), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SonocadError(f"{name} must be a whole number of at least 1, got {v!r}")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(images) if hasattr(images, "__len__") else None, desc="decode", leave=False)
+    images, parts = iter(images), []
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        while (batch := list(islice(images, chunk))) or not parts:
+            out = list(pool.map(lambda x: _image_features(_as_gray(x), settings), batch))
+            parts.append(Features([o[0] for o in out], np.array([o[1] for o in out], bool).reshape(-1, 64),
+                                  [o[2] for o in out], settings=settings))
+            if embed:   # whole images, then their central views, in one pass
+                from .embed import embed_images
+
+                size = settings.embed_size
+                squares = np.array([o[3] for o in out] + [o[4] for o in out], np.uint8).reshape(-1, size, size)
+                e, m = embed_images(squares, settings, batch_size=batch_size, progress=progress)
+                parts[-1].embedding, parts[-1].mid, parts[-1].view = e[:len(out)], m[:len(out)], e[len(out):]
+            if bar is not None:
+                bar.update(len(out))
+            if not batch:
+                break
+    if bar is not None:
+        bar.close()
+    feats = Features([d for p in parts for d in p.digest], np.concatenate([p.hashes for p in parts]),
+                     [t for p in parts for t in p.thumbs], settings=settings)
+    if embed:
+        feats.embedding, feats.mid, feats.view = (np.concatenate([getattr(p, f) for p in parts])
+                                                  for f in ("embedding", "mid", "view"))
     return feats

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import SonocadError
-from .features import Features, compute_features, phash_similarity
+from .features import Features, compute_features
+from .index import phash_pairs, similar_pairs
 from .match import candidate_pairs, match_scores
 from .settings import DEFAULT, DedupSettings
 
@@ -58,16 +59,14 @@ def find_duplicates(paths: list[str], labels: list[str] | None = None, *, method
 def score_pairs(feats: Features, settings: DedupSettings = DEFAULT, progress: bool = False,
                 cache: dict | None = None) -> dict[tuple[int, int], dict[str, float]]:
     """{(i, j): {detector: score}} for every pair i < j that some detector of `settings.method` links."""
-    n, use, th = len(feats), settings.detectors, settings.thresholds
+    use, th = settings.detectors, settings.thresholds
     found: dict[tuple[int, int], dict[str, float]] = {}
-    for i0 in range(0, n, 512):
-        upper = np.arange(i0, min(n, i0 + 512))[:, None] < np.arange(n)[None, :]
-        for det in ("phash", "embed"):
-            if det in use:
-                s = (phash_similarity(feats.hashes[i0:i0 + 512], feats.hashes) if det == "phash"
-                     else feats.embedding[i0:i0 + 512] @ feats.embedding.T)
-                for a, b in zip(*np.nonzero((s >= th[det] - 1e-6) & upper)):
-                    found.setdefault((i0 + int(a), int(b)), {})[det] = float(s[a, b])
+    for det in ("phash", "embed"):
+        if det in use:
+            search = phash_pairs if det == "phash" else similar_pairs
+            pairs, scores = search(feats.hashes if det == "phash" else feats.embedding, th[det] - 1e-6, settings)
+            for (i, j), s in zip(pairs.tolist(), scores.tolist()):
+                found.setdefault((i, j), {})[det] = s
     if "match" in use:
         pairs = candidate_pairs(feats, settings)
         for (i, j), s in zip(pairs, match_scores(feats, pairs, settings, progress, cache)):

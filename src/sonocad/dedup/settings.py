@@ -22,12 +22,12 @@ from ..errors import SonocadError
 
 METHODS = ("phash", "embed", "match", "combined")
 # Bump when the code changes what the same settings find, so that cached groups are recomputed.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: match scores from integral images (same links on BUSI, scores within 2e-7)
 # The detectors each method links on.
 DETECTORS = {"phash": ("phash",), "embed": ("embed",), "match": ("match",), "combined": ("phash", "match")}
 # Settings that only act after the per-image features are computed; all others shape the features.
 _AFTER_FEATURES = ("method", "phash_threshold", "embed_threshold", "match_threshold",
-                   "central", "scales", "neighbours")
+                   "central", "scales", "neighbours", "exact_below", "ann_ef")
 
 
 def _default_scales() -> tuple[float, ...]:
@@ -56,6 +56,8 @@ class DedupSettings:
     mid_block: int = 4                # backbone stage whose pooled output is the second candidate embedding
     view: float = 0.75                # central part embedded too, so heavy crops find their source
     neighbours: int = 10              # candidates per image and embedding for `match`
+    exact_below: int = 10000          # fewer images: searches compare all pairs; more: HNSW index, hash buckets
+    ann_ef: int = 32                  # candidate list of an HNSW search (faiss's efSearch)
     version: int = FORMAT_VERSION     # of the code's results; part of the fingerprint
 
     def __post_init__(self):
@@ -80,7 +82,8 @@ class DedupSettings:
             number(name, lambda v: True, "a finite number")
         if not isinstance(self.embed_model, str) or not self.embed_model:
             fail("embed_model", "a timm model name")
-        for name, low in (("embed_size", 32), ("thumb", 16), ("mid_block", 0), ("neighbours", 1), ("version", 0)):
+        for name, low in (("embed_size", 32), ("thumb", 16), ("mid_block", 0), ("neighbours", 1), ("version", 0),
+                          ("exact_below", 0), ("ann_ef", 1)):
             integer(name, low)
         for name in ("central", "view"):
             number(name, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
