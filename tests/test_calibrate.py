@@ -69,14 +69,20 @@ def test_init_starts_from_the_runs_weights(tiny_run):
     prec = resolve_precision("fp32")
     info = RunInfo.load(tiny_run / "config.json")
     cfg = TrainConfig(init=str(tiny_run), img_size=64).validate()
-    model = build_model(cfg, 2, prec, info.classes)
     from safetensors.torch import load_file
 
     saved = load_file(str(tiny_run / "model.safetensors"))
-    state = model.state_dict()
+    assert info.mask_head and any(k.startswith("mask_head.") for k in saved)
+    state = build_model(cfg, 2, prec, info.classes, mask_head=True).state_dict()
+    assert set(state) == set(saved)
     for k, v in saved.items():
         if k != "temperature":
             assert torch.equal(state[k].float(), v.float()), k
+    without = build_model(cfg, 2, prec, info.classes).state_dict()         # --seg-weight 0: no decoder
+    assert not any(k.startswith("mask_head.") for k in without)
+    assert torch.equal(without["head.0.weight"], saved["head.0.weight"])
+    model = build_model(cfg, 2, prec, info.classes)
+    state = model.state_dict()
     assert float(state["temperature"]) == 1.0
     fresh_head = build_model(cfg, 2, prec, ["malignant", "benign"]).state_dict()      # other classes: new head
     assert not torch.equal(fresh_head["head.0.weight"], saved["head.0.weight"])
