@@ -159,6 +159,54 @@ def summarize(rows: list[dict], reference: str) -> None:
                       f"{reader['auc_ci'][1]:.3f})")
 
 
+def summarize_pooled(rows: list[dict], reference: str) -> None:
+    """Folds 1 and 2 together (all of BUS-BRA's development part, as `sonocad evaluate RUN BUSBRA` sees it): each
+    seed's AUC with its DeLong CI, the mean over seeds, the paired t-test against the reference, and each seed
+    against the readers' BI-RADS on the same images (paired DeLong)."""
+    from scipy.stats import ttest_rel
+
+    from sonocad.metrics import delong_auc_ci, delong_test
+
+    birads = {str(BUSBRA / "Images" / f"{r['ID']}.png"): float(r["BIRADS"])
+              for r in csv.DictReader(open(BUSBRA / "bus_data.csv"))}
+    pooled: dict[str, dict[int, float]] = {}
+    print("
+BUS-BRA folds 1 + 2 (the whole development part): per seed AUC (DeLong 95% CI), Dice weighted by "
+          "images; the model minus the readers' BI-RADS AUC, paired DeLong p")
+    for name in dict.fromkeys(r["candidate"] for r in rows):
+        by_seed = {}
+        for r in rows:
+            if r["candidate"] == name:
+                by_seed.setdefault(r["seed"], {})[r["fold"]] = r
+        for seed, folds in sorted(by_seed.items()):
+            if set(folds) != {1, 2}:
+                continue
+            paths, y, p = [], [], []
+            for f in (1, 2):
+                pa, ya, a = _predictions(folds[f]["predictions"])
+                paths += pa
+                y.append(ya)
+                p.append(a)
+            y, p = np.concatenate(y), np.concatenate(p)
+            auc, lo, hi = delong_auc_ci(y, p)
+            pooled.setdefault(name, {})[seed] = auc
+            dice = [folds[f]["dice"] for f in (1, 2)]
+            dice = (np.average(dice, weights=[folds[f]["n"] for f in (1, 2)]) if None not in dice else None)
+            vs = delong_test(y, p, np.asarray([birads[q] for q in paths]))
+            print(f"  {name:18s} seed {seed}: n={len(y)} AUC {auc:.3f} ({lo:.3f}-{hi:.3f})"
+                  + (f"  Dice {dice:.3f}" if dice is not None else "")
+                  + f"  vs readers {vs['auc_a'] - vs['auc_b']:+.3f} (p={vs['p_value']:.2g}, readers {vs['auc_b']:.3f})")
+    ref = pooled.get(reference, {})
+    for name, aucs in pooled.items():
+        line = f"  {name:18s} mean over {len(aucs)} seeds: {np.mean(list(aucs.values())):.3f}"
+        shared = sorted(set(aucs) & set(ref))
+        if name != reference and len(shared) >= 2:
+            diff = np.mean([aucs[s] - ref[s] for s in shared])
+            p = ttest_rel([aucs[s] for s in shared], [ref[s] for s in shared]).pvalue
+            line += f"  diff vs {reference} {diff:+.3f} (paired t p={p:.3f})"
+        print(line)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*")
@@ -184,6 +232,8 @@ def main(argv=None) -> int:
     print(f"machine: {model}")
     rows = measure(a.names, a.seeds, out, [1, 2] if a.confirm else [1])
     summarize(rows, a.names[0])
+    if a.confirm:
+        summarize_pooled(rows, a.names[0])
     return 0
 
 

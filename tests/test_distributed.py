@@ -1,7 +1,9 @@
 """Distributed training with gloo on CPU: two processes with batch B step like one with batch 2B, and a whole tiny
-run under two processes gives one run directory and the same figures on every rank."""
+run under two processes gives one run directory and the same figures on every rank, also after a rank was killed
+and the run resumed."""
 import json
 import os
+import signal
 import socket
 from types import SimpleNamespace
 
@@ -75,12 +77,27 @@ def test_two_processes_step_like_one_with_twice_the_batch(tmp_path):
         assert torch.allclose(one[k], two[k], atol=1e-5, rtol=0), k
 
 
-def _tiny_run(rank: int, world: int, port: int, data: str, out: str) -> None:
+def _tiny_run(rank: int, world: int, port: int, data: str, out: str, mode: str = "") -> None:
     from sonocad.train import fit
+    from sonocad.trainer import Trainer
 
     _join(rank, world, port)
-    m = fit(data, out, img_size=64, head_epochs=2, finetune_epochs=2, batch_size=8, seed=0, dedup=False,
-            progress=False)
+    if mode == "kill":          # rank 1 dies with SIGKILL as phase 2's second epoch starts (after rank 0 wrote
+        from sonocad import dist            # the first one's checkpoint: both ranks wait for each other there)
+        draw = Trainer._augment_gen
+
+        def killed(self):
+            if self.phase == "finetune" and self.epoch == 1:
+                dist.barrier()
+                if rank == 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return draw(self)
+        Trainer._augment_gen = killed
+    if mode == "resume":
+        m = fit(data, out, resume=True, progress=False)
+    else:
+        m = fit(data, out, img_size=64, head_epochs=2, finetune_epochs=2, batch_size=8, seed=0, dedup=False,
+                progress=False)
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(m, f, sort_keys=True)
 
@@ -96,6 +113,13 @@ def test_a_tiny_run_under_two_processes(phantoms, tmp_path):
     assert info.distributed == {"world_size": 2, "backend": "gloo"}
     log = (run / "log.csv").read_text().splitlines()
     assert len(log) == 1 + 4         # one row per epoch, written by rank 0 alone
+
+    cut = tmp_path / "cut"           # rank 1 killed in phase 2, then resumed: it ends as the uninterrupted run
+    with pytest.raises(mp.ProcessExitedException):
+        mp.spawn(_tiny_run, args=(2, _free_port(), str(phantoms), str(cut), "kill"), nprocs=2, join=True)
+    assert not (cut / "run.json").exists() and len((cut / "log.csv").read_text().splitlines()) == 1 + 3
+    mp.spawn(_tiny_run, args=(2, _free_port(), str(phantoms), str(cut), "resume"), nprocs=2, join=True)
+    assert (cut / "predictions.csv").read_text() == (run / "predictions.csv").read_text()
 
 
 def test_devices_launches_torchrun(monkeypatch, capsys):

@@ -73,6 +73,10 @@ def _launch(a) -> None:
     rc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                          f"--nproc-per-node={a.devices}", "-m", "sonocad", *argv]).returncode
     if rc:
+        run = a.resume or a.out
+        if run and (Path(run) / "checkpoints" / "last.pt").is_file():
+            print(f"sonocad: training under torchrun stopped (exit code {rc}); its last finished epoch is kept: "
+                  f"sonocad train {a.data} --resume {run} --devices {a.devices} continues it", file=sys.stderr)
         raise SystemExit(rc)
 
 

@@ -218,13 +218,16 @@ class Trainer:
 
     def _augment_gen(self) -> torch.Generator | None:
         """The generator of the training augmentation: the shared one in one process; with several ranks each
-        draws its own views, from a seed of (seed, rank, phase, epoch) so a resumed run draws them again."""
+        draws its own views, from a seed of (seed, rank, phase, epoch), and its own dropout masks likewise, so
+        a resumed run (whose checkpoint holds rank 0's generators only) draws them again."""
+        if dist.active():
+            def seed(what: str) -> int:
+                key = f"{self.cfg.seed}/{dist.rank()}/{self.phase}/{self.epoch}/{what}".encode()
+                return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+            torch.manual_seed(seed("dropout"))
         if not self.cfg.augment:
             return None
-        if not dist.active():
-            return self.gen
-        key = f"{self.cfg.seed}/{dist.rank()}/{self.phase}/{self.epoch}".encode()
-        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+        return torch.Generator().manual_seed(seed("augment")) if dist.active() else self.gen
 
     def _cached_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features computed once: the training images as they are plus `feature_views`
