@@ -170,8 +170,7 @@ def summarize_pooled(rows: list[dict], reference: str) -> None:
     birads = {str(BUSBRA / "Images" / f"{r['ID']}.png"): float(r["BIRADS"])
               for r in csv.DictReader(open(BUSBRA / "bus_data.csv"))}
     pooled: dict[str, dict[int, float]] = {}
-    print("
-BUS-BRA folds 1 + 2 (the whole development part): per seed AUC (DeLong 95% CI), Dice weighted by "
+    print("\nBUS-BRA folds 1 + 2 (the whole development part): per seed AUC (DeLong 95% CI), Dice weighted by "
           "images; the model minus the readers' BI-RADS AUC, paired DeLong p")
     for name in dict.fromkeys(r["candidate"] for r in rows):
         by_seed = {}
