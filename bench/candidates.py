@@ -121,9 +121,19 @@ def _predictions(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
             np.asarray([float(r["prob"]) for r in rows]))
 
 
-def summarize(rows: list[dict], reference: str) -> None:
+def _paired_over_seeds(mine: dict[int, float], ref: dict[int, float]) -> tuple[float, float] | None:
+    """(mean difference, paired t-test p) of two candidates' AUCs over the seeds both have; None with fewer
+    than 2 such seeds."""
     from scipy.stats import ttest_rel
 
+    shared = sorted(set(mine) & set(ref))
+    if len(shared) < 2:
+        return None
+    a, b = [mine[s] for s in shared], [ref[s] for s in shared]
+    return float(np.mean(a) - np.mean(b)), float(ttest_rel(a, b).pvalue)
+
+
+def summarize(rows: list[dict], reference: str) -> None:
     from sonocad.metrics import delong_test
 
     def fmt(v):
@@ -140,17 +150,16 @@ def summarize(rows: list[dict], reference: str) -> None:
                     f"{fmt([r['dice'] for r in mine.values()])}  BUSI {fmt([r['busi_auc'] for r in mine.values()])}  "
                     f"BUSI Dice {fmt([r['busi_dice'] for r in mine.values()])}  "
                     f"{np.mean([r['train_seconds'] for r in mine.values()]):.0f} s")
-            shared = sorted(set(mine) & set(ref))
-            if name != reference and len(shared) >= 2:
-                diff = [mine[s]["auc"] - ref[s]["auc"] for s in shared]
-                p = ttest_rel([mine[s]["auc"] for s in shared], [ref[s]["auc"] for s in shared]).pvalue
+            paired = _paired_over_seeds({s: r["auc"] for s, r in mine.items()}, {s: r["auc"] for s, r in ref.items()})
+            if name != reference and paired:
                 delong = []
-                for s in shared:
+                for s in sorted(set(mine) & set(ref)):
                     pa, ya, a = _predictions(mine[s]["predictions"])
                     pb, _, b = _predictions(ref[s]["predictions"])
                     assert pa == pb, "paired tests need the same images"
                     delong.append(delong_test(ya, a, b)["p_value"])
-                line += f"  diff {np.mean(diff):+.3f} (t-test p={p:.3f}; DeLong p {', '.join(f'{q:.3f}' for q in delong)})"
+                line += (f"  diff {paired[0]:+.3f} (t-test p={paired[1]:.3f}; DeLong p "
+                         f"{', '.join(f'{q:.3f}' for q in delong)})")
             print(line)
         for r in list(ref.values())[:1]:
             reader = json.loads((Path(r["predictions"]).parent / "metrics.json").read_text()).get("reader")
@@ -163,8 +172,6 @@ def summarize_pooled(rows: list[dict], reference: str) -> None:
     """Folds 1 and 2 together (all of BUS-BRA's development part, as `sonocad evaluate RUN BUSBRA` sees it): each
     seed's AUC with its DeLong CI, the mean over seeds, the paired t-test against the reference, and each seed
     against the readers' BI-RADS on the same images (paired DeLong)."""
-    from scipy.stats import ttest_rel
-
     from sonocad.metrics import delong_auc_ci, delong_test
 
     birads = {str(BUSBRA / "Images" / f"{r['ID']}.png"): float(r["BIRADS"])
@@ -197,13 +204,9 @@ def summarize_pooled(rows: list[dict], reference: str) -> None:
                   + f"  vs readers {vs['auc_a'] - vs['auc_b']:+.3f} (p={vs['p_value']:.2g}, readers {vs['auc_b']:.3f})")
     ref = pooled.get(reference, {})
     for name, aucs in pooled.items():
-        line = f"  {name:18s} mean over {len(aucs)} seeds: {np.mean(list(aucs.values())):.3f}"
-        shared = sorted(set(aucs) & set(ref))
-        if name != reference and len(shared) >= 2:
-            diff = np.mean([aucs[s] - ref[s] for s in shared])
-            p = ttest_rel([aucs[s] for s in shared], [ref[s] for s in shared]).pvalue
-            line += f"  diff vs {reference} {diff:+.3f} (paired t p={p:.3f})"
-        print(line)
+        paired = _paired_over_seeds(aucs, ref) if name != reference else None
+        print(f"  {name:18s} mean over {len(aucs)} seeds: {np.mean(list(aucs.values())):.3f}"
+              + (f"  diff vs {reference} {paired[0]:+.3f} (paired t p={paired[1]:.3f})" if paired else ""))
 
 
 def main(argv=None) -> int:

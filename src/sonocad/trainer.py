@@ -220,14 +220,14 @@ class Trainer:
         """The generator of the training augmentation: the shared one in one process; with several ranks each
         draws its own views, from a seed of (seed, rank, phase, epoch), and its own dropout masks likewise, so
         a resumed run (whose checkpoint holds rank 0's generators only) draws them again."""
-        if dist.active():
-            def seed(what: str) -> int:
-                key = f"{self.cfg.seed}/{dist.rank()}/{self.phase}/{self.epoch}/{what}".encode()
-                return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
-            torch.manual_seed(seed("dropout"))
-        if not self.cfg.augment:
-            return None
-        return torch.Generator().manual_seed(seed("augment")) if dist.active() else self.gen
+        if not dist.active():
+            return self.gen if self.cfg.augment else None
+        torch.manual_seed(self._rank_seed("dropout"))
+        return torch.Generator().manual_seed(self._rank_seed("augment")) if self.cfg.augment else None
+
+    def _rank_seed(self, what: str) -> int:
+        key = f"{self.cfg.seed}/{dist.rank()}/{self.phase}/{self.epoch}/{what}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
 
     def _cached_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features computed once: the training images as they are plus `feature_views`
