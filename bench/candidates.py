@@ -36,6 +36,12 @@ CANDIDATES: dict[str, tuple[dict, dict]] = {
     "no_masks_adabn": ({"seg_weight": 0.0}, {"adapt_bn": True}),
     "masks_adabn": ({"seg_weight": 1.0}, {"adapt_bn": True}),
     "masks_unfreeze4": ({"seg_weight": 1.0, "unfreeze": "4"}, {}),
+    "masks_scanner": ({"seg_weight": 1.0, "appearance": "scanner"}, {}),   # scanner-like appearance augmentation
+    # BUSI and the *other* official fold of BUS-BRA in one training set (sites mixed in every batch); evaluated
+    # on the fold it did not train on
+    "masks_mixed": ({"seg_weight": 1.0, "other_fold": True}, {}),
+    "masks_lite1": ({"seg_weight": 1.0, "model": "tf_efficientnet_lite1"}, {}),     # 240 px, its native size
+    "masks_lite2": ({"seg_weight": 1.0, "model": "tf_efficientnet_lite2"}, {}),     # 260 px
 }
 
 
@@ -64,20 +70,33 @@ def fold_manifest(fold: int, out: Path) -> Path:
     return path
 
 
-def train(overrides: dict, seed: int, out: Path) -> tuple[Path, dict, float]:
-    """(run, its held-out BUSI metrics, training seconds), trained once and reused."""
+def train(overrides: dict, seed: int, out: Path, fold: int) -> tuple[Path, dict, float]:
+    """(run, its held-out metrics, training seconds), trained once and reused. With `other_fold`, the training
+    data are BUSI and BUS-BRA's other official fold (so the run depends on the evaluation fold)."""
     from sonocad.config import TrainConfig
     from sonocad.rundir import kind
     from sonocad.train import fit
 
-    run = out / f"{training_name(overrides)}-s{seed}"
+    overrides = dict(overrides)
+    data = [str(BUSI), str(fold_manifest(3 - fold, out))] if overrides.pop("other_fold", False) else BUSI
+    run = out / f"{training_name(overrides)}{'-with-fold%d' % (3 - fold) if isinstance(data, list) else ''}-s{seed}"
     if kind(run) == "train":
         metrics = json.loads((run / "metrics.json").read_text())
         return run, metrics, metrics["timing_seconds"]["total"]
     cfg = TrainConfig.from_recipe("default", classes=["benign", "malignant"], seed=seed, **overrides)
     t0 = time.perf_counter()
-    metrics = fit(BUSI, run, cfg, progress=False, overwrite=True)
+    metrics = fit(data, run, cfg, progress=False, overwrite=True)
     return run, metrics, time.perf_counter() - t0
+
+
+def busi_auc(run: Path, metrics: dict) -> float:
+    """AUC on the run's held-out BUSI images (its whole held-out part when it trained on BUSI alone)."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = [r for r in csv.DictReader(open(run / "predictions.csv")) if Path(r["path"]).is_relative_to(BUSI)]
+    if len(rows) == metrics["n"]:
+        return metrics["auc"]
+    return float(roc_auc_score([r["label"] == "malignant" for r in rows], [float(r["prob"]) for r in rows]))
 
 
 def evaluate(run: Path, fold: int, options: dict, out: Path) -> tuple[dict, Path]:
@@ -100,10 +119,10 @@ def measure(names: list[str], seeds: list[int], out: Path, folds: list[int]) -> 
                 if (name, seed, fold) in done:
                     rows.append(done[(name, seed, fold)])
                     continue
-                run, m_busi, seconds = train(overrides, seed, out)
+                run, m_busi, seconds = train(overrides, seed, out, fold)
                 m, where = evaluate(run, fold, options, out)
                 row = {"candidate": name, "seed": seed, "fold": fold, "train_seconds": round(seconds, 1),
-                       "busi_auc": m_busi["auc"], "busi_dice": m_busi.get("segmentation", {}).get("dice_mean"),
+                       "busi_auc": busi_auc(run, m_busi), "busi_dice": m_busi.get("segmentation", {}).get("dice_mean"),
                        "auc": m["auc"], "auc_ci": m["auc_ci"], "n": m["n"],
                        "dice": m.get("segmentation", {}).get("dice_mean"),
                        "readers_auc": m.get("reader", {}).get("auc"),

@@ -67,3 +67,21 @@ def test_busbra_birads_is_used_by_itself():
     y = np.asarray([s.label == "malignant" for s in samples], int)
     auc = roc_auc_score(y, reader_scores(samples, "birads"))
     assert round(auc, 3) == 0.916          # ../shared/data/README.md
+
+
+def test_cv_sets_the_readers_beside_a_sites_out_of_fold_predictions(phantoms, tmp_path):
+    from sonocad.cv import _add_readers
+
+    rows = _manifest(phantoms, tmp_path / "m.csv", lambda i, label: "4c" if label == "malignant" else "3")
+    samples = discover(str(tmp_path / "m.csv"), ["benign", "malignant"])
+    y = np.asarray([s.label == "malignant" for s in samples], int)
+    prob = np.linspace(0, 1, len(y))
+    site = {}
+    _add_readers(site, samples, y, prob)
+    r = site["reader"]
+    assert r["column"] == "birads" and r["n"] == len(rows) and r["auc"] == 1.0
+    assert r["p_value"] == pytest.approx(delong_test(y, prob, reader_scores(samples, "birads"))["p_value"])
+    _manifest(phantoms, tmp_path / "bad.csv", lambda i, label: "high" if i == 0 else "3")
+    bad, site = discover(str(tmp_path / "bad.csv"), ["benign", "malignant"]), {}
+    _add_readers(site, bad, y, prob)        # an unreadable category costs the comparison, not the finished folds
+    assert "'high'" in site["reader"]["error"] and "auc" not in site["reader"]

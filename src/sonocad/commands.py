@@ -80,6 +80,20 @@ def _launch(a) -> None:
         raise SystemExit(rc)
 
 
+def print_readers(m: dict) -> None:
+    """The readers' line of an evaluation or a site's out-of-fold figures, when the data carry reader scores."""
+    r = m.get("reader")
+    if r and "error" in r:
+        print(f"readers ({r['column']}): not compared: {r['error']}")
+    elif r:
+        o = r["operating_point"]
+        print(f"readers ({r['column']}) on the same images: AUC {r['auc']:.3f} (95% CI {r['auc_ci'][0]:.3f}-"
+              f"{r['auc_ci'][1]:.3f}); model minus readers {r['model_minus_reader']:+.3f}, paired DeLong p="
+              f"{r['p_value']:.3g}; readers at {o['rule']}: sensitivity {o['sensitivity']:.3f}, specificity "
+              f"{o['specificity']:.3f}; the model at that specificity: sensitivity "
+              f"{r['model_sensitivity_at_reader_specificity']:.3f}")
+
+
 def cmd_evaluate(a) -> None:
     from .evaluate import evaluate_run
 
@@ -88,13 +102,7 @@ def cmd_evaluate(a) -> None:
                      reader_score=a.reader_score, reader_threshold=a.reader_threshold, adapt_bn=a.adapt_bn)
     warn_bad(m["data"].get("skipped_bad_images", []))
     print_metrics(m, "evaluation")
-    if "reader" in m:
-        r, o = m["reader"], m["reader"]["operating_point"]
-        print(f"readers ({r['column']}) on the same images: AUC {r['auc']:.3f} (95% CI {r['auc_ci'][0]:.3f}-"
-              f"{r['auc_ci'][1]:.3f}); model minus readers {r['model_minus_reader']:+.3f}, paired DeLong p="
-              f"{r['p_value']:.3g}; readers at {o['rule']}: sensitivity {o['sensitivity']:.3f}, specificity "
-              f"{o['specificity']:.3f}; the model at that specificity: sensitivity "
-              f"{r['model_sensitivity_at_reader_specificity']:.3f}")
+    print_readers(m)
     warn_bad(m.get("shortcut_check", {}).get("skipped_bad_images", []))
     print_explanation(m)
     if "shortcut_check" in m:
@@ -185,6 +193,7 @@ def cmd_cv(a) -> None:
     for site, sm in m.get("per_site", {}).items():
         print_metrics(sm, f"site {site}")
         print_fold_points(sm)
+        print_readers(sm)
     if "external" in m:
         print_metrics(m["external"]["ensemble"], f"external {a.external} (ensemble of fold models)")
         e = m["external"]["per_fold_auc_mean_sd"]

@@ -66,6 +66,10 @@ class TrainConfig:
     balance: str = option("weighted", "class balance: weighted loss, undersample the training part, or none",
                           choices=("weighted", "undersample", "none"))
     augment: bool = option(True, "on-the-fly ultrasound augmentation in phase 2")
+    appearance: str = option("standard", "intensity augmentation: standard (gain, contrast, gamma, depth ramp, "
+                             "speckle, blur), or scanner: also a random gain curve over depth, dynamic-range "
+                             "changes, speckle grain and resolution loss, as other scanners show",
+                             choices=("standard", "scanner"))
     offline_augment: int = option(0, "N fixed transformed copies per training image (the notebook used 7)",
                                   metavar="N")
     dedup: bool = option(True, "find duplicate images and keep each set on one side of every split")

@@ -27,6 +27,7 @@ from .metrics import binary_metrics
 from .operating import choose_operating_points
 from .models import parameter_count
 from .predictor import predict_images
+from .reader import reader_column, reader_scores, score_reader
 from .prepare import Prepared, Split, data_summary, decode_split, decode_task, find_task, split_train_val
 from .report import html_table
 from .rundir import RunLock
@@ -185,6 +186,7 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
             if len(classes) == 2:
                 metrics["per_site"][site]["fold_operating_points"] = fold_operating_points(
                     full.y[idx], oof[0, idx, 1], [fold_thresholds[i] for i in idx])
+                _add_readers(metrics["per_site"][site], [full.samples[i] for i in idx], full.y[idx], oof[0, idx, 1])
     if ext:
         ens = np.mean(ext_probs, axis=0)
         metrics["external"] = {
@@ -341,13 +343,28 @@ def _fold_section(per_fold: list[dict], metrics: dict, external: bool) -> str:
     return text
 
 
+def _add_readers(site_metrics: dict, samples: list, y: np.ndarray, prob: np.ndarray) -> None:
+    """The readers' BI-RADS beside the out-of-fold predictions of a site whose images all carry it (BUS-BRA):
+    their AUC on the same images and the paired DeLong test (sonocad.reader)."""
+    column = reader_column(samples, None)
+    if column:
+        try:
+            site_metrics["reader"] = score_reader(y, prob, reader_scores(samples, column), column)
+        except OptionError as e:     # an unreadable category costs the comparison, never the finished folds
+            site_metrics["reader"] = {"column": column, "error": str(e)}
+
+
 def _site_section(metrics: dict) -> str:
     if "per_site" not in metrics:
         return ""
     rows = [[site, m["n"], m["auc"], m.get("auc_ci"), m.get("sensitivity"), m.get("specificity")]
             for site, m in metrics["per_site"].items()]
+    readers = [f"<p>{site}: readers' {r['column']} AUC {r['auc']:.3f} ({r['auc_ci'][0]:.3f}–{r['auc_ci'][1]:.3f}) "
+               f"on the same images; model minus readers {r['model_minus_reader']:+.3f}, paired DeLong "
+               f"p={r['p_value']:.3g}.</p>" for site, m in metrics["per_site"].items()
+               if (r := m.get("reader")) and "auc" in r]
     return "<h2>Per site (out-of-fold)</h2>" + html_table(
-        ["site", "n", "AUC", "AUC 95% CI", "sensitivity", "specificity"], rows)
+        ["site", "n", "AUC", "AUC 95% CI", "sensitivity", "specificity"], rows) + "".join(readers)
 
 
 def _operating_section(metrics: dict) -> str:

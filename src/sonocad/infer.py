@@ -60,7 +60,8 @@ def resolve_precision(precision: str = "auto", device: str | None = None) -> Pre
 class InputPipeline:
     """uint8 (N, S, S) gray images -> normalised float (N, 3, S, S) batches on the model's device."""
 
-    def __init__(self, mean: list[float], std: list[float], precision: Precision):
+    def __init__(self, mean: list[float], std: list[float], precision: Precision, appearance: str = "standard"):
+        self.appearance = appearance    # of the training augmentation (augment_batch)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.precision = precision
@@ -69,7 +70,7 @@ class InputPipeline:
                  flip: bool = False, zoom: float = 1.0) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float().div_(255.0)
         if gen is not None:
-            x = augment_batch(x, gen, strength)
+            x = augment_batch(x, gen, strength, appearance=self.appearance)
         return self._finish(x, flip, zoom)
 
     def with_masks(self, images: np.ndarray, masks: np.ndarray, gen: torch.Generator | None = None,
@@ -78,7 +79,7 @@ class InputPipeline:
         x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float().div_(255.0)
         m = torch.from_numpy(np.ascontiguousarray(masks)).unsqueeze(1).float()
         if gen is not None:
-            x, m = augment_batch(x, gen, strength, masks=m)
+            x, m = augment_batch(x, gen, strength, masks=m, appearance=self.appearance)
         return self._finish(x), m[:, 0].to(self.precision.device, non_blocking=True)
 
     def _finish(self, x: torch.Tensor, flip: bool = False, zoom: float = 1.0) -> torch.Tensor:

@@ -272,7 +272,7 @@ def data_summary(data, test_source: str, prepared: Prepared, train: Split, val: 
     }
 
 
-def offline_augment(split: Split, copies: int, seed: int) -> Split:
+def offline_augment(split: Split, copies: int, seed: int, appearance: str = "standard") -> Split:
     """The notebook's offline augmentation: `copies` fixed transformed versions of every image, added."""
     if copies <= 0:
         return split
@@ -281,7 +281,7 @@ def offline_augment(split: Split, copies: int, seed: int) -> Split:
     masks = None if split.masks is None else torch.from_numpy(np.asarray(split.masks, bool)).unsqueeze(1).float()
     images, warped = [np.asarray(split.images)], [None if split.masks is None else np.asarray(split.masks, bool)]
     for _ in range(copies):
-        out = augment_batch(base, gen, masks=masks)
+        out = augment_batch(base, gen, masks=masks, appearance=appearance)
         x, m = out if masks is not None else (out, None)
         images.append((x * 255).round().to(torch.uint8).squeeze(1).numpy())
         warped.append(None if m is None else m.squeeze(1).numpy() > 0.5)

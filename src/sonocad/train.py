@@ -45,7 +45,7 @@ def train_and_evaluate(model: Classifier, info: RunInfo, train: Split, val: Spli
     info.distributed = dist.record()
     if dist.is_main():
         info.save(out / "config.json")
-    pipeline = InputPipeline(info.mean, info.std, precision)
+    pipeline = InputPipeline(info.mean, info.std, precision, cfg.appearance)
     # seed again here: whatever ran before (a cached or a fresh duplicate search) must not change training
     seed_everything(cfg.seed)
     trainer = Trainer(model, train, val, len(info.classes), cfg, precision, pipeline, out,

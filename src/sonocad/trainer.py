@@ -132,7 +132,7 @@ class Trainer:
         self.pipeline, self.out, self.progress = pipeline, Path(out), progress
         self.n_classes = n_classes
         self.loss_fn = make_loss(train.y, n_classes, cfg.balance)
-        self.train = offline_augment(train, cfg.offline_augment, cfg.seed)
+        self.train = offline_augment(train, cfg.offline_augment, cfg.seed, cfg.appearance)
         self.log: list[dict] = []
         self.stopper = EarlyStopping(cfg.patience)
         self.gen = torch.Generator().manual_seed(cfg.seed)

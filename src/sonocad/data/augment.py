@@ -4,6 +4,9 @@ Geometry: horizontal flip (left/right breast), small rotation, zoom in/out and s
 field of view, slight aspect change. Never a vertical flip: depth runs top to bottom in B-mode.
 Intensity: overall gain, contrast, gamma, a depth-dependent gain ramp (time-gain compensation),
 multiplicative speckle-like noise and occasional blur.
+Scanner-like appearance (`appearance="scanner"`, on top of the above): a smooth random gain curve over depth
+(time-gain compensation set by hand), log-compression (dynamic range) changes, speckle grain of 1-4 px, and
+a loss of axial and lateral resolution (down- and up-sampling), as another machine or preset would show.
 """
 from __future__ import annotations
 
@@ -18,10 +21,14 @@ def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor
     return lo + (hi - lo) * torch.rand(n, generator=gen)
 
 
-def augment_batch(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0, masks: torch.Tensor | None = None):
+APPEARANCES = ("standard", "scanner")
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0, masks: torch.Tensor | None = None,
+                  appearance: str = "standard"):
     """Randomly transform a float batch (B, C, H, W) with values in [0, 1]; returns a new batch. With `masks`
     (B, 1, H, W), returns (batch, masks moved by the same geometric transform); the random draws are the same
-    either way."""
+    either way. `appearance="scanner"` adds scanner-like intensity and resolution changes (masks unchanged)."""
     b, _, h, w = x.shape
     s = strength
     angle = _uniform(gen, b, -10 * s, 10 * s) * math.pi / 180
@@ -52,4 +59,35 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0, 
     if blur.any():
         sigma = float(_uniform(gen, 1, 0.4, 1.2))
         x[blur] = TF.gaussian_blur(x[blur], kernel_size=[5, 5], sigma=[sigma, sigma])
+    if appearance == "scanner":
+        x = scanner_appearance(x.clamp(0, 1), gen, s)
     return x.clamp(0, 1) if masks is None else (x.clamp(0, 1), masks)
+
+
+def scanner_appearance(x: torch.Tensor, gen: torch.Generator, s: float = 1.0) -> torch.Tensor:
+    """What another scanner or preset changes in a B-mode image, drawn per image: a smooth gain curve over
+    depth (5 knots, +-35% each), the dynamic range of the log compression, speckle grain of 1-4 px and a
+    resolution loss of up to 2.5x axially and laterally (in half the images)."""
+    b, c, h, w = x.shape
+    knots = torch.exp(_uniform(gen, b * 5, -0.35 * s, 0.35 * s)).view(b, 1, 5, 1).to(x.dtype)
+    x = x * F.interpolate(knots, size=(h, 1), mode="bicubic", align_corners=True).clamp(min=0.3)
+    t = _uniform(gen, b, -s, s).view(b, 1, 1, 1).to(x.dtype)          # dynamic range: < 0 expands, > 0 compresses
+    a = torch.expm1(2.5 * t.abs()).clamp(min=1e-4)
+    x = x.clamp(0, 1)
+    x = torch.where(t > 0, torch.log1p(a * x) / torch.log1p(a), torch.expm1(torch.log1p(a) * x) / a)
+    out = torch.empty_like(x)
+    grains = torch.randint(1, 5, (b,), generator=gen)
+    amps = _uniform(gen, b, 0, 0.25 * s)
+    blur_y, blur_x = (torch.exp(_uniform(gen, b, 0, math.log(1 + 1.5 * s))) for _ in range(2))
+    degrade = torch.rand(b, generator=gen) < 0.5
+    for i in range(b):      # sizes differ per image
+        g = int(grains[i])
+        noise = torch.randn(1, c, -(-h // g), -(-w // g), generator=gen, dtype=x.dtype)
+        noise = F.interpolate(noise, size=(h, w), mode="bilinear", align_corners=False) if g > 1 else noise
+        xi = x[i:i + 1] * (1 + float(amps[i]) * noise)
+        if degrade[i]:
+            small = (max(8, round(h / float(blur_y[i]))), max(8, round(w / float(blur_x[i]))))
+            xi = F.interpolate(F.interpolate(xi, size=small, mode="area"), size=(h, w), mode="bilinear",
+                               align_corners=False)
+        out[i:i + 1] = xi
+    return out
