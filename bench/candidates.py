@@ -27,8 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BUSI = ROOT.parent / "shared/data/busi/Dataset_BUSI_with_GT"
 BUSBRA = ROOT.parent / "shared/data/busbra/BUSBRA"
 
-# name -> (training overrides of the default recipe, evaluation options); candidates sharing their training
-# overrides share the trained runs
+# name -> (training overrides, evaluation options); candidates sharing their training overrides share the trained
+# runs. The overrides apply to BASE: the default recipe as it stood when these candidates were first measured
+# (standard appearance augmentation), so a candidate keeps its meaning when a default changes.
+BASE = {"appearance": "standard"}
 CANDIDATES: dict[str, tuple[dict, dict]] = {
     "no_masks": ({"seg_weight": 0.0}, {}),           # the recipe before lesion-aware training
     "masks": ({"seg_weight": 1.0}, {}),               # lesion-aware training (the default since it landed)
@@ -42,6 +44,7 @@ CANDIDATES: dict[str, tuple[dict, dict]] = {
     "masks_mixed": ({"seg_weight": 1.0, "other_fold": True}, {}),
     "masks_lite1": ({"seg_weight": 1.0, "model": "tf_efficientnet_lite1"}, {}),     # 240 px, its native size
     "masks_lite2": ({"seg_weight": 1.0, "model": "tf_efficientnet_lite2"}, {}),     # 260 px
+    "masks_scanner_lite1": ({"seg_weight": 1.0, "appearance": "scanner", "model": "tf_efficientnet_lite1"}, {}),
 }
 
 
@@ -83,7 +86,7 @@ def train(overrides: dict, seed: int, out: Path, fold: int) -> tuple[Path, dict,
     if kind(run) == "train":
         metrics = json.loads((run / "metrics.json").read_text())
         return run, metrics, metrics["timing_seconds"]["total"]
-    cfg = TrainConfig.from_recipe("default", classes=["benign", "malignant"], seed=seed, **overrides)
+    cfg = TrainConfig.from_recipe("default", classes=["benign", "malignant"], seed=seed, **{**BASE, **overrides})
     t0 = time.perf_counter()
     metrics = fit(data, run, cfg, progress=False, overwrite=True)
     return run, metrics, time.perf_counter() - t0

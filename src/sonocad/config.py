@@ -66,9 +66,9 @@ class TrainConfig:
     balance: str = option("weighted", "class balance: weighted loss, undersample the training part, or none",
                           choices=("weighted", "undersample", "none"))
     augment: bool = option(True, "on-the-fly ultrasound augmentation in phase 2")
-    appearance: str = option("standard", "intensity augmentation: standard (gain, contrast, gamma, depth ramp, "
-                             "speckle, blur), or scanner: also a random gain curve over depth, dynamic-range "
-                             "changes, speckle grain and resolution loss, as other scanners show",
+    appearance: str = option("scanner", "intensity augmentation: scanner (default): a random gain curve over "
+                             "depth, dynamic-range changes, speckle grain and resolution loss, as other scanners "
+                             "show, on top of standard (gain, contrast, gamma, depth ramp, speckle, blur)",
                              choices=("standard", "scanner"))
     offline_augment: int = option(0, "N fixed transformed copies per training image (the notebook used 7)",
                                   metavar="N")
@@ -202,7 +202,7 @@ def _type_name(hint) -> str:
 
 
 # what runs saved before an option existed did, where that differs from the option's default now
-BEFORE_OPTION = {"tta_zooms": [], "ema_epochs": 0.0, "seg_weight": 0.0}
+BEFORE_OPTION = {"tta_zooms": [], "ema_epochs": 0.0, "seg_weight": 0.0, "appearance": "standard"}
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -213,7 +213,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         model="inception_v3", img_size=224, resize="stretch", batch_size=8, optimizer="adagrad",
         head_lr=1e-2, finetune_lr=1e-3, balance="undersample", offline_augment=7, augment=False,
         unfreeze="2", head_epochs=30, finetune_epochs=15, patience=5, tta=False, tta_zooms=[], clean_overlays=False,
-        ema_epochs=0,
+        ema_epochs=0, appearance="standard",
     ),
 }
 
