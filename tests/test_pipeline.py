@@ -160,7 +160,7 @@ def test_multiclass_softmax_run(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_data_is_learnable(demo_run):
-    """The demo's promise: on synthetic phantoms the default recipe reaches test AUC above 0.9."""
+    """The demo's promise: on synthetic phantoms the demo's recipe reaches test AUC above 0.9."""
     m = json.loads((demo_run[0] / "metrics.json").read_text())
     assert m["auc"] > 0.9, m["auc"]
 
