@@ -41,3 +41,5 @@ def test_appearance_is_a_checked_option():
     assert TrainConfig.from_recipe("notebook").appearance == "standard"
     with pytest.raises(OptionError, match="appearance"):
         TrainConfig.from_recipe("default", appearance="vivid")
+    with pytest.raises(ValueError, match="appearance"):      # the library call checks it too, never ignores it
+        augment_batch(_phantom(), torch.Generator().manual_seed(0), appearance="vivid")

@@ -22,6 +22,7 @@ from .errors import OptionError, SonocadError
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+APPEARANCES = ("standard", "scanner")    # of the training augmentation (data.augment)
 MAX_IMG_SIZE = 1024     # decoded images and activations grow with its square: 1024 px is far past any gain
 MAX_SEED = 2**32 - 1    # numpy's seeds are 32-bit
 # whole-number options: (name, lowest, highest); the highest values are far past any use, and keep a typo
@@ -69,7 +70,7 @@ class TrainConfig:
     appearance: str = option("scanner", "intensity augmentation: scanner (default): a random gain curve over "
                              "depth, dynamic-range changes, speckle grain and resolution loss, as other scanners "
                              "show, on top of standard (gain, contrast, gamma, depth ramp, speckle, blur)",
-                             choices=("standard", "scanner"))
+                             choices=APPEARANCES)
     offline_augment: int = option(0, "N fixed transformed copies per training image (the notebook used 7)",
                                   metavar="N")
     dedup: bool = option(True, "find duplicate images and keep each set on one side of every split")

@@ -16,12 +16,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from ..config import APPEARANCES
+
 
 def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=gen)
-
-
-APPEARANCES = ("standard", "scanner")
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0, masks: torch.Tensor | None = None,
@@ -29,6 +28,8 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0, 
     """Randomly transform a float batch (B, C, H, W) with values in [0, 1]; returns a new batch. With `masks`
     (B, 1, H, W), returns (batch, masks moved by the same geometric transform); the random draws are the same
     either way. `appearance="scanner"` adds scanner-like intensity and resolution changes (masks unchanged)."""
+    if appearance not in APPEARANCES:
+        raise ValueError(f"appearance must be {' or '.join(APPEARANCES)}, not {appearance!r}")
     b, _, h, w = x.shape
     s = strength
     angle = _uniform(gen, b, -10 * s, 10 * s) * math.pi / 180
