@@ -45,6 +45,7 @@ CANDIDATES: dict[str, tuple[dict, dict]] = {
     "masks_lite1": ({"seg_weight": 1.0, "model": "tf_efficientnet_lite1"}, {}),     # 240 px, its native size
     "masks_lite2": ({"seg_weight": 1.0, "model": "tf_efficientnet_lite2"}, {}),     # 260 px
     "masks_scanner_lite1": ({"seg_weight": 1.0, "appearance": "scanner", "model": "tf_efficientnet_lite1"}, {}),
+    "masks_scanner_lite2": ({"seg_weight": 1.0, "appearance": "scanner", "model": "tf_efficientnet_lite2"}, {}),
 }
 
 

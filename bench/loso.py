@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
+from scipy.special import expit  # noqa: E402
 from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
 
 from sonocad.config import TrainConfig  # noqa: E402
@@ -154,11 +155,11 @@ def calibration(a) -> dict:
     zp, zt = logits(pool), logits(test)
     yp = np.asarray([r["label"] == "malignant" for r in pool], int)
     yt = np.asarray([r["label"] == "malignant" for r in test], int)
-    own = binary_metrics(yt, 1 / (1 + np.exp(-zt / info.temperature)), threshold=info.thresholds["high_sensitivity"], ci=None)
-    out = {"site": a.site, "init": a.init, "n_test": len(yt), "auc_test": float(binary_metrics(yt, 1 / (1 + np.exp(-zt)), ci=None)["auc"]),
+    own = binary_metrics(yt, expit(zt / info.temperature), threshold=info.thresholds["high_sensitivity"], ci=None)
+    out = {"site": a.site, "init": a.init, "n_test": len(yt), "auc_test": float(binary_metrics(yt, expit(zt), ci=None)["auc"]),
            "uncalibrated_high_sensitivity": {"threshold": info.thresholds["high_sensitivity"],
                                              "sensitivity": own["sensitivity"], "specificity": own["specificity"]},
-           "uncalibrated_default": {k: binary_metrics(yt, 1 / (1 + np.exp(-zt / info.temperature)), ci=None)[k]
+           "uncalibrated_default": {k: binary_metrics(yt, expit(zt / info.temperature), ci=None)[k]
                                     for k in ("sensitivity", "specificity")}, "local": {}}
     print(json.dumps(out), flush=True)
     rng = np.random.default_rng(0)
@@ -169,8 +170,8 @@ def calibration(a) -> dict:
             if yp[idx].min() == yp[idx].max():
                 continue
             temp = fit_temperature(yp[idx], zp[idx])
-            t = choose_thresholds(yp[idx], 1 / (1 + np.exp(-zp[idx] / temp)))["high_sensitivity"]
-            m = binary_metrics(yt, 1 / (1 + np.exp(-zt / temp)), threshold=t, ci=None)
+            t = choose_thresholds(yp[idx], expit(zp[idx] / temp))["high_sensitivity"]
+            m = binary_metrics(yt, expit(zt / temp), threshold=t, ci=None)
             sens.append(m["sensitivity"]), spec.append(m["specificity"])
         s, sp = np.asarray(sens), np.asarray(spec)
         out["local"][n] = {"draws": len(s), "sensitivity_mean": float(s.mean()), "sensitivity_p5_p95": np.percentile(s, [5, 95]).tolist(),

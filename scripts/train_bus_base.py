@@ -28,7 +28,9 @@ from sonocad import rundir  # noqa: E402
 from sonocad.config import RunInfo  # noqa: E402
 from sonocad.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from sonocad.predictor import Predictor  # noqa: E402
+from sonocad.prepare import find_task  # noqa: E402
 from sonocad.results import score_predictions  # noqa: E402
+from sonocad.segment import has_mask_head, predict_masks, segmentation_metrics, true_masks  # noqa: E402
 from sonocad.train import fit  # noqa: E402
 
 NAME = "bus-base"
@@ -75,9 +77,18 @@ def pack(work: Path, out: Path) -> None:
     metrics = {"test_part": _figures(score_predictions(y, probs, info)), "precision": packed.members[0][1].precision.name,
                "max_abs_change_fp16_weights": float(np.abs(fp32["packed"] - fp32["trained"]).max()),
                "max_abs_change_from_fp32_compute": float(np.abs(probs[:, 1] - fp32["packed"]).max())}
-    for site, folder in SITES.items():
-        idx = [i for i, p in enumerate(paths) if folder in p]
-        metrics[f"test_part_{site}"] = _figures(score_predictions(y[idx], probs[idx], info))
+    sites = {"test_part": list(range(len(paths))),
+             **{f"test_part_{site}": [i for i, p in enumerate(paths) if folder in p] for site, folder in SITES.items()}}
+    for scope, idx in sites.items():
+        if scope != "test_part":
+            metrics[scope] = _figures(score_predictions(y[idx], probs[idx], info))
+    if has_mask_head(packed):                      # lesion Dice of the packed mask decoder on the test part
+        by_path = {s.path: s for s in find_task(info.data["source"], info.config).samples}
+        masks, kept = true_masks([by_path[p] for p in paths], info.img_size, info.config.resize)
+        lesion = predict_masks(packed, images[kept])
+        for scope, idx in sites.items():
+            rows_with_mask = [k for k, i in enumerate(kept) if i in set(idx)]
+            metrics[scope]["segmentation"] = segmentation_metrics(lesion[rows_with_mask], masks[rows_with_mask])[0]
     metrics["operating_points_chosen_on"] = info.operating_points
     metrics["data"] = info.data
     atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=1, default=float))
@@ -92,7 +103,7 @@ def pack(work: Path, out: Path) -> None:
 def _figures(m: dict) -> dict:
     out = {k: m[k] for k in FIELDS}
     out["operating_points"] = {name: {k: op[k] for k in ("threshold", "sensitivity", "sensitivity_ci", "specificity",
-                                                         "specificity_ci", *(("promised_sensitivity", "promise_kept")
+                                                         "specificity_ci", *(("promised_sensitivity", "promise_kept", "promise_p")
                                                                              if "promised_sensitivity" in op else ()))}
                                for name, op in m["operating_points"].items()}
     return out
@@ -104,12 +115,22 @@ def _ci(v) -> str:
 
 def model_card(info: RunInfo, m: dict, size: int) -> str:
     rows = []
-    for scope in ("test_part", "test_part_BUSI", "test_part_BUS-BRA"):
+    scopes = [scope for scope in m if scope.startswith("test_part")]
+    for scope in scopes:
         f = m[scope]
         rows.append(f"| {scope.replace('test_part_', '').replace('test_part', 'both sites')} | {f['n']} "
                     f"({f['n_per_class']['malignant']} malignant) | {f['auc']:.3f} ({_ci(f['auc_ci'])}) | "
                     f"{f['sensitivity']:.3f} ({_ci(f['sensitivity_ci'])}) | {f['specificity']:.3f} "
                     f"({_ci(f['specificity_ci'])}) |")
+    seg = [f"| {scope.replace('test_part_', '').replace('test_part', 'both sites')} | {g['n']} | "
+           f"{g['dice_mean']:.3f} ({_ci(g['dice_ci'])}) | {g['dice_median']:.3f} |"
+           for scope in scopes if (g := m[scope].get("segmentation"))]
+    seg_table = ("\n\nLesion masks (the second output, `sonocad predict --masks`): Dice at P(lesion) ≥ 0.5 against the "
+                 "sites' own masks, at the model's input size.\n\n| test part | images with a mask | Dice mean (95% CI, "
+                 "bootstrap) | Dice median |\n|---|---|---|---|\n" + "\n".join(seg)) if seg else ""
+    c = info.config
+    recipe = (f"lesion-aware (a mask decoder trained jointly, Dice + BCE where a mask exists, weight {c.seg_weight})"
+              if info.mask_head else "classification only (no lesion masks)") + f", {c.appearance} appearance augmentation"
     hs = m["test_part"]["operating_points"].get("high_sensitivity", {})
     d = info.data
     vp = info.operating_points.get("high_sensitivity", {})
@@ -123,7 +144,8 @@ def model_card(info: RunInfo, m: dict, size: int) -> str:
   fp32 weights (both computed in fp32). The figures below were computed as `sonocad` runs the model by default on
   the machine that packed it ({m['precision']}); fp32 computation differs by at most
   {m['max_abs_change_from_fp32_compute']:.4f} per image.
-- Trained by `scripts/train_bus_base.py` (sonocad's default recipe, seed 0, about 15–20 minutes on 2 CPU cores).
+- Trained by `scripts/train_bus_base.py` (sonocad's default recipe, seed 0, about 15–25 minutes on 2 CPU cores):
+  {recipe}.
 - Intended use: a starting point for fine-tuning (`sonocad train DATA --init bus-base`) or local calibration
   (`sonocad calibrate bus-base LOCAL --out RUN`) by research teams, and for trying sonocad without training.
 
@@ -143,11 +165,12 @@ on new cases from these sites with 95% confidence (59 malignant validation cases
 
 | test part | n | AUC (95% CI, DeLong) | sensitivity at 0.5 (95% CI) | specificity at 0.5 (95% CI) |
 |---|---|---|---|---|
-{chr(10).join(rows)}
+{chr(10).join(rows)}{seg_table}
 
 High-sensitivity point (threshold {hs.get('threshold', float('nan')):.4f}): sensitivity {hs.get('sensitivity', float('nan')):.3f}
 ({_ci(hs.get('sensitivity_ci', [float('nan')] * 2))}), specificity {hs.get('specificity', float('nan')):.3f}; it promised
-sensitivity ≥ {hs.get('promised_sensitivity', float('nan')):.3f} (95% confidence) and {'kept' if hs.get('promise_kept') else 'did not keep'} it here.
+sensitivity ≥ {hs.get('promised_sensitivity', float('nan')):.3f} (95% confidence) and {'kept' if hs.get('promise_kept') else 'did not keep'} it here
+(p = {hs.get('promise_p', float('nan')):.2g} for a sensitivity this low or lower, were the promise true).
 
 At another hospital these figures do not hold unchanged: its scanners, presets and patients differ. Calibrate
 on a labelled local set (`sonocad calibrate`) and evaluate on other local scans before any use in research.

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sonocad.operating import (choose_thresholds, point_figures, positives_needed, promise_warning,
+from sonocad.console import promise_verdict
+from sonocad.operating import (choose_thresholds, point_figures, positives_needed, promise_check, promise_warning,
                                sensitivity_bound)
 
 
@@ -54,3 +55,16 @@ def test_promise_holds_on_new_cases_and_the_bare_target_does_not():
 def test_one_class_gives_no_points():
     t = choose_thresholds(np.zeros(5), np.linspace(0, 1, 5))
     assert math.isnan(t["high_sensitivity"]) and point_figures(np.zeros(5), np.linspace(0, 1, 5), t).keys() == {"default"}
+
+
+def test_a_miss_of_the_promise_is_told_from_a_refutation():
+    """BUSI's test part, default run seed 0: 36 of 42 cancers against a promise of 0.883 (the 24-cancer bound) is a
+    miss that so few test cancers show by chance; the notebook-era point, 33 of 42 against 0.95, refutes it."""
+    kept = promise_check(38, 42, 0.8827)
+    assert kept["promise_kept"] and promise_verdict(kept) == "kept"
+    miss = promise_check(36, 42, 0.8827)
+    assert not miss["promise_kept"] and miss["promise_p"] == pytest.approx(stats.binom.cdf(36, 42, 0.8827))
+    assert promise_verdict(miss).startswith("NOT kept (a miss within chance: p = 0.37")
+    refuted = promise_check(33, 42, 0.95)
+    assert refuted["promise_p"] < 0.01 and promise_verdict(refuted).startswith("NOT kept (refuted")
+    assert promise_check(42, 42, 1.0)["promise_kept"]                                # exactly met counts as kept

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from sonocad.cli import main
 from sonocad.config import TrainConfig
@@ -20,6 +21,10 @@ def test_train_writes_a_complete_run(tiny_run):
                 "n_per_class", "confusion_matrix", "operating_points"):
         assert key in m, key
     assert m["n"] == sum(m["n_per_class"].values()) == np.sum(m["confusion_matrix"])
+    hs = m["operating_points"]["high_sensitivity"]       # the promise, whether kept, and how surprising a miss is
+    tp, n_pos = hs["confusion_matrix"][1][1], m["n_per_class"]["malignant"]
+    assert hs["promise_kept"] == (tp / n_pos >= hs["promised_sensitivity"])
+    assert hs["promise_p"] == pytest.approx(stats.binom.cdf(tp, n_pos, hs["promised_sensitivity"]))
     cfg = json.loads((tiny_run / "config.json").read_text())
     assert cfg["classes"] == ["benign", "malignant"] and cfg["positive"] == "malignant"
     assert cfg["config"]["seed"] == 0 and cfg["img_size"] == 64

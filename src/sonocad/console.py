@@ -24,11 +24,21 @@ def print_metrics(m: dict, where: str) -> None:
         if "promised_sensitivity" in hs:
             print(f"  high-sensitivity point (threshold {hs['threshold']:.3f}): sensitivity {fmt(hs['sensitivity'])} "
                   f"(95% CI {fmt(hs['sensitivity_ci'][0])}-{fmt(hs['sensitivity_ci'][1])}), promised >= "
-                  f"{fmt(hs['promised_sensitivity'])}: {'kept' if hs['promise_kept'] else 'NOT kept'}; specificity "
+                  f"{fmt(hs['promised_sensitivity'])}: {promise_verdict(hs)}; specificity "
                   f"{fmt(hs['specificity'])}")
     else:
         print(f"{where}: n={m['n']}  macro AUC {fmt(m['auc'])}  accuracy {fmt(m['accuracy'])}  "
               f"balanced accuracy {fmt(m['balanced_accuracy'])}")
+
+
+def promise_verdict(op: dict) -> str:
+    """'kept', or why not: a miss within chance of so few positives, or data that refute the promise."""
+    if op["promise_kept"]:
+        return "kept"
+    p = op.get("promise_p")
+    if p is None:
+        return "NOT kept"
+    return f"NOT kept ({'refuted' if p < 0.05 else 'a miss within chance'}: p = {p:.2g} were it true)"
 
 
 def warn_bad(bad: list[str]) -> None:
@@ -55,7 +65,7 @@ def print_explanation(m: dict) -> None:
 def print_fold_points(m: dict) -> None:
     for name, op in m.get("fold_operating_points", {}).items():
         if name != "default":
-            promise = (f", promised >= {op['promised_sensitivity']:.3f}: {'kept' if op['promise_kept'] else 'NOT kept'}"
+            promise = (f", promised >= {op['promised_sensitivity']:.3f}: {promise_verdict(op)}"
                        if "promised_sensitivity" in op else "")
             print(f"  at each fold's {name} threshold (chosen on its validation data): sensitivity "
                   f"{op['sensitivity']:.3f}, specificity {op['specificity']:.3f}{promise}")

@@ -24,11 +24,11 @@ from .errors import OptionError, SonocadError
 from .infer import InputPipeline, resolve_precision
 from .io import ensure_writable_dir
 from .metrics import binary_metrics
-from .operating import choose_operating_points
+from .operating import choose_operating_points, promise_check
 from .models import parameter_count
 from .predictor import predict_images
 from .reader import reader_column, reader_scores, score_reader
-from .prepare import Prepared, Split, data_summary, decode_split, decode_task, find_task, split_train_val
+from .prepare import Prepared, Split, data_summary, decode_split, decode_task, find_task, grouping, split_train_val
 from .report import html_table
 from .rundir import RunLock
 from .results import read_predictions, score_predictions, write_evaluation
@@ -173,8 +173,8 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
         metrics["ensemble_operating_points"] = {"thresholds": ens.thresholds, **ens.operating_points}
         if "high_sensitivity" in points and promises and None not in promises:
             # pooled, the folds' points should keep at least the weakest of their promises
-            points["high_sensitivity"].update(promised_sensitivity=min(promises),
-                                              promise_kept=bool(points["high_sensitivity"]["sensitivity"] >= min(promises)))
+            hs = points["high_sensitivity"]
+            hs.update(promise_check(hs["confusion_matrix"][1][1], int((full.y == 1).sum()), min(promises)))
     if repeats > 1:
         metrics["pooled_per_repeat_auc"] = [score_predictions(full.y, oof[r], pooled_info)["auc"]
                                             for r in range(repeats)]
@@ -198,7 +198,7 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
         "source": [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data),
         "n_per_class": {c: int((full.y == i).sum()) for i, c in enumerate(classes)},
         "sites": {s: int((np.asarray(sites) == s).sum()) for s in sorted(set(sites))} if any(sites) else {},
-        "grouping": cfg_grouping(cfg, prepared),
+        "grouping": grouping(prepared),
         "skipped_bad_images": bad,
     }
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
@@ -308,15 +308,6 @@ def fold_operating_points(y: np.ndarray, prob: np.ndarray, thresholds: list[dict
                                        "ppv", "npv", "balanced_accuracy", "confusion_matrix")}
         out[name]["fold_thresholds"] = sorted({float(v) for v in t})
     return out
-
-
-def cfg_grouping(cfg: TrainConfig, prepared: Prepared) -> str:
-    parts = []
-    if any(s.group for s in prepared.full.samples):
-        parts.append("group column / patient ids")
-    if cfg.dedup:
-        parts.append(f"duplicate groups found by sonocad dedup ({prepared.n_duplicate_sets} groups of 2+ images)")
-    return "; ".join(parts) or "image (no groups known)"
 
 
 def _fold_section(per_fold: list[dict], metrics: dict, external: bool) -> str:

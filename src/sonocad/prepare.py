@@ -255,6 +255,16 @@ def split_train_val(full: Split, cfg: TrainConfig) -> tuple[Split, Split]:
     return train, val
 
 
+def grouping(prepared: Prepared, has_groups: bool | None = None) -> str:
+    """What keeps related images on one side of every split: patient ids, duplicate groups, or nothing."""
+    parts = []
+    if any(s.group for s in prepared.full.samples) if has_groups is None else has_groups:
+        parts.append("group column / patient ids")
+    if isinstance(prepared.n_duplicate_sets, int):
+        parts.append(f"duplicate groups found by sonocad dedup ({prepared.n_duplicate_sets} groups of 2+ images)")
+    return "; ".join(parts) or "image (no groups known)"
+
+
 def data_summary(data, test_source: str, prepared: Prepared, train: Split, val: Split, test: Split,
                  bad: list[str] | None = None, offline_augment: int = 0) -> dict:
     """What a run was trained and tested on: sources, counts per part and class, grouping, images left out."""
@@ -266,7 +276,7 @@ def data_summary(data, test_source: str, prepared: Prepared, train: Split, val: 
         **{f"n_{name}": part.counts(classes) for name, part in (("train", train), ("val", val), ("test", test))},
         **({"n_train_with_offline_copies": {c: n * (offline_augment + 1) for c, n in train.counts(classes).items()}}
            if offline_augment else {}),
-        "grouped_by": "group column / patient ids" if any(groups) else "image (no groups known)",
+        "grouped_by": grouping(prepared, any(groups)),
         "skipped_bad_images": prepared.bad + (bad or []),
         "duplicate_sets_found": prepared.n_duplicate_sets,
     }

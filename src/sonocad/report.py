@@ -188,7 +188,8 @@ def write_report(out: Path, metrics: dict, y: np.ndarray, probs: np.ndarray, inf
 
             def promise(o):
                 return "" if "promised_sensitivity" not in o else \
-                    f"≥ {_num(o['promised_sensitivity'])} ({'yes' if o['promise_kept'] else 'no'})"
+                    f"≥ {_num(o['promised_sensitivity'])} ({'yes' if o['promise_kept'] else 'no'}" + \
+                    (f"; p = {o['promise_p']:.2g} were it true)" if "promise_p" in o else ")")
             body = "".join(
                 f"<tr><td>{html.escape(n)}</td><td>{_num(o['threshold'])}</td>"
                 f"<td>{_num(o['sensitivity'])} ({_num(o['sensitivity_ci'])})</td><td>{promise(o)}</td>"

@@ -13,6 +13,7 @@ import numpy as np
 from .config import RunInfo
 from .io import atomic_write_text
 from .metrics import binary_metrics, multiclass_metrics
+from .operating import promise_check
 from .report import write_report
 
 
@@ -39,8 +40,8 @@ def score_predictions(y: np.ndarray, probs: np.ndarray, info: RunInfo) -> dict:
                 "balanced_accuracy", "accuracy", "confusion_matrix")}
             promised = (info.operating_points.get(name) or {}).get("promised_sensitivity")
             if promised is not None:      # the sensitivity it was chosen to keep, and whether these data show it kept
-                m["operating_points"][name].update(promised_sensitivity=promised,
-                                                   promise_kept=bool(op["sensitivity"] >= promised))
+                tp = op["confusion_matrix"][1][1]
+                m["operating_points"][name].update(promise_check(tp, int((y == 1).sum()), promised))
         m["thresholds_chosen_on"] = ((info.operating_points or {}).get("chosen_on")
                                      or "validation data of the training run") + " (never on the evaluated data)"
     else:
