@@ -62,15 +62,17 @@ def test_unfreeze_top_blocks():
     assert set_trainable(m, "all")["frozen"] == 0
 
 
-def test_packaged_imagenet_weights_recognise_cat_and_espresso():
+@pytest.mark.parametrize("name,size", [("tf_efficientnet_lite0", 224), ("tf_efficientnet_lite1", 240),
+                                       ("tf_efficientnet_lite2", 260)])
+def test_packaged_imagenet_weights_recognise_cat_and_espresso(name, size):
     import timm
     from skimage import data
 
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    net.load_state_dict(models.packaged_state_dict("tf_efficientnet_lite0"))
+    net = timm.create_model(name, pretrained=False)
+    net.load_state_dict(models.packaged_state_dict(name))
     net.eval()
     for img, expected in ((data.chelsea(), 285), (data.coffee(), 967)):
-        x = torch.from_numpy(np.array(Image.fromarray(img).resize((224, 224)))).permute(2, 0, 1)
+        x = torch.from_numpy(np.array(Image.fromarray(img).resize((size, size)))).permute(2, 0, 1)
         x = (x.float() / 255 - 0.5) / 0.5
         with torch.no_grad():
             assert int(net(x[None]).argmax()) == expected
