@@ -6,7 +6,7 @@ BUS-BRA and by duplicate group in BUSI) is kept out of training so that the mode
 The trained run is then packed: weights in fp16, its figures measured again with the packed weights, a model
 card. Reproducible: the same seed on the same machine gives the same weights.
 
-    .venv/bin/python scripts/train_bus_base.py            # about 15-20 minutes on 2 cores
+    .venv/bin/python scripts/train_bus_base.py            # about 15 minutes on 2 cores
 """
 from __future__ import annotations
 
@@ -89,6 +89,7 @@ def pack(work: Path, out: Path) -> None:
         for scope, idx in sites.items():
             rows_with_mask = [k for k, i in enumerate(kept) if i in set(idx)]
             metrics[scope]["segmentation"] = segmentation_metrics(lesion[rows_with_mask], masks[rows_with_mask])[0]
+    metrics["training_seconds"] = json.loads((work / "metrics.json").read_text())["timing_seconds"]["total"]
     metrics["operating_points_chosen_on"] = info.operating_points
     metrics["data"] = info.data
     atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=1, default=float))
@@ -144,7 +145,7 @@ def model_card(info: RunInfo, m: dict, size: int) -> str:
   fp32 weights (both computed in fp32). The figures below were computed as `sonocad` runs the model by default on
   the machine that packed it ({m['precision']}); fp32 computation differs by at most
   {m['max_abs_change_from_fp32_compute']:.4f} per image.
-- Trained by `scripts/train_bus_base.py` (sonocad's default recipe, seed 0, about 15–25 minutes on 2 CPU cores):
+- Trained by `scripts/train_bus_base.py` (sonocad's default recipe, seed 0; {m['training_seconds']:.0f} s on the 2 CPU cores that packed it):
   {recipe}.
 - Intended use: a starting point for fine-tuning (`sonocad train DATA --init bus-base`) or local calibration
   (`sonocad calibrate bus-base LOCAL --out RUN`) by research teams, and for trying sonocad without training.
