@@ -170,8 +170,8 @@ on new cases from these sites with 95% confidence (59 malignant validation cases
 
 High-sensitivity point (threshold {hs.get('threshold', float('nan')):.4f}): sensitivity {hs.get('sensitivity', float('nan')):.3f}
 ({_ci(hs.get('sensitivity_ci', [float('nan')] * 2))}), specificity {hs.get('specificity', float('nan')):.3f}; it promised
-sensitivity ≥ {hs.get('promised_sensitivity', float('nan')):.3f} (95% confidence) and {'kept' if hs.get('promise_kept') else 'did not keep'} it here
-(p = {hs.get('promise_p', float('nan')):.2g} for a sensitivity this low or lower, were the promise true).
+sensitivity ≥ {hs.get('promised_sensitivity', float('nan')):.3f} (95% confidence) and {'kept it here.' if hs.get('promise_kept') else
+f"did not keep it here (p = {hs.get('promise_p') or float('nan'):.2g} for a sensitivity this low or lower, were the promise true)."}
 
 At another hospital these figures do not hold unchanged: its scanners, presets and patients differ. Calibrate
 on a labelled local set (`sonocad calibrate`) and evaluate on other local scans before any use in research.

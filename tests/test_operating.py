@@ -68,3 +68,6 @@ def test_a_miss_of_the_promise_is_told_from_a_refutation():
     refuted = promise_check(33, 42, 0.95)
     assert refuted["promise_p"] < 0.01 and promise_verdict(refuted).startswith("NOT kept (refuted")
     assert promise_check(42, 42, 1.0)["promise_kept"]                                # exactly met counts as kept
+    none = promise_check(0, 0, 0.9)                                 # an evaluation set without cancers
+    assert none["promise_kept"] is None and none["promise_p"] is None
+    assert promise_verdict(none) == "not checkable (no positive cases)"

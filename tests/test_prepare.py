@@ -111,6 +111,6 @@ def test_prepare_data_groups_duplicates_with_patients(tmp_path, cache):
     assert g[0] == g[1] == g[2] == g[3]           # patient p0 (and the fake duplicate pair 0-1)
     assert len(set(g[4:].tolist())) == 8 and prepared.n_duplicate_sets == 1
     assert prepare.grouping(prepared) == ("group column / patient ids; duplicate groups found by sonocad dedup "
-                                          "(1 groups of 2+ images)")     # what the run's data summary says
+                                          "(1 set of 2+ images)")     # what the run's data summary says
     assert prepared.classes == ["benign", "malignant"] and prepared.full.images.shape == (12, 32, 32)
     assert json.dumps(prepared.bad) == "[]"

@@ -3,7 +3,9 @@ import csv
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import BUSI, need
 from sonocad import zoo
@@ -30,7 +32,7 @@ def test_a_path_wins_over_a_shipped_name(tmp_path, monkeypatch):
     assert zoo.resolve("no-such-model") == Path("no-such-model")
 
 
-def test_predict_with_bus_base_needs_no_training(phantoms, capsys):
+def test_predict_with_bus_base_needs_no_training(phantoms, capsys, tmp_path):
     image = phantoms / "malignant" / "malignant (1).png"
     assert main(["predict", "bus-base", str(image)]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
@@ -38,6 +40,9 @@ def test_predict_with_bus_base_needs_no_training(phantoms, capsys):
     model = Predictor.load("bus-base")
     assert model.classes == ["benign", "malignant"] and model.info.img_size == 224
     assert model.info.operating_points["high_sensitivity"]["promised_sensitivity"] > 0
+    assert main(["predict", "bus-base", str(image), "--masks", str(tmp_path / "masks")]) == 0    # lesion-aware
+    written = list((tmp_path / "masks").glob("*.png"))
+    assert len(written) == 1 and np.asarray(Image.open(written[0])).shape == Image.open(image).size[::-1]
 
 
 def test_bus_base_on_a_busi_scan():

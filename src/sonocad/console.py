@@ -33,6 +33,8 @@ def print_metrics(m: dict, where: str) -> None:
 
 def promise_verdict(op: dict) -> str:
     """'kept', or why not: a miss within chance of so few positives, or data that refute the promise."""
+    if op["promise_kept"] is None:
+        return "not checkable (no positive cases)"
     if op["promise_kept"]:
         return "kept"
     p = op.get("promise_p")

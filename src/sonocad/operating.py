@@ -46,13 +46,16 @@ def promise_check(detected: int, positives: int, promised: float) -> dict:
     """Whether evaluated positives show a promised sensitivity kept: ``promise_kept`` when the observed sensitivity
     reaches it; ``promise_p``, the exact one-sided binomial probability of detecting this few or fewer were the
     true sensitivity the promised one (below 0.05 these data refute the promise; above, a miss of the point
-    estimate is within what so few positives show by chance).
+    estimate is within what so few positives show by chance). Without positive cases there is nothing to check:
+    both are None.
 
     >>> promise_check(36, 42, 0.883)["promise_kept"], round(promise_check(36, 42, 0.883)["promise_p"], 2)
     (False, 0.37)
     """
+    if positives <= 0 or not np.isfinite(promised):
+        return {"promised_sensitivity": promised, "promise_kept": None, "promise_p": None}
     return {"promised_sensitivity": promised, "promise_kept": bool(detected >= promised * positives - 1e-9),
-            "promise_p": float(stats.binom.cdf(detected, positives, promised)) if positives > 0 else _NAN}
+            "promise_p": float(stats.binom.cdf(detected, positives, promised))}
 
 
 def positives_needed(target: float = TARGET_SENSITIVITY, confidence: float = CONFIDENCE) -> int | None:

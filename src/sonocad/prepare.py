@@ -260,8 +260,10 @@ def grouping(prepared: Prepared, has_groups: bool | None = None) -> str:
     parts = []
     if any(s.group for s in prepared.full.samples) if has_groups is None else has_groups:
         parts.append("group column / patient ids")
-    if isinstance(prepared.n_duplicate_sets, int):
-        parts.append(f"duplicate groups found by sonocad dedup ({prepared.n_duplicate_sets} groups of 2+ images)")
+    n = prepared.n_duplicate_sets
+    if isinstance(n, int):
+        parts.append(f"duplicate groups found by sonocad dedup ({n} set{'s' if n != 1 else ''} of 2+ images)" if n
+                     else "sonocad dedup (no duplicates found)")
     return "; ".join(parts) or "image (no groups known)"
 
 

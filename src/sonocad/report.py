@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve  # noqa: E402
 
+from .console import promise_verdict  # noqa: E402
 from .io import atomic_path, atomic_write_text  # noqa: E402
 
 DISCLAIMER = ("sonocad is a research tool. Its outputs are not a diagnosis and it is not a medical device; "
@@ -188,8 +189,7 @@ def write_report(out: Path, metrics: dict, y: np.ndarray, probs: np.ndarray, inf
 
             def promise(o):
                 return "" if "promised_sensitivity" not in o else \
-                    f"≥ {_num(o['promised_sensitivity'])} ({'yes' if o['promise_kept'] else 'no'}" + \
-                    (f"; p = {o['promise_p']:.2g} were it true)" if "promise_p" in o else ")")
+                    f"≥ {_num(o['promised_sensitivity'])} ({promise_verdict(o)})"
             body = "".join(
                 f"<tr><td>{html.escape(n)}</td><td>{_num(o['threshold'])}</td>"
                 f"<td>{_num(o['sensitivity'])} ({_num(o['sensitivity_ci'])})</td><td>{promise(o)}</td>"
