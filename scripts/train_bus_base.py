@@ -74,21 +74,21 @@ def pack(work: Path, out: Path) -> None:
     probs = packed.predict_proba(images)
     fp32 = {name: Predictor.load(run, precision="fp32").predict_proba(images)[:, 1] for name, run in
             (("trained", work), ("packed", tmp))}
-    metrics = {"test_part": _figures(score_predictions(y, probs, info)), "precision": packed.members[0][1].precision.name,
+    metrics = {"precision": packed.members[0][1].precision.name,
                "max_abs_change_fp16_weights": float(np.abs(fp32["packed"] - fp32["trained"]).max()),
                "max_abs_change_from_fp32_compute": float(np.abs(probs[:, 1] - fp32["packed"]).max())}
-    sites = {"test_part": list(range(len(paths))),
-             **{f"test_part_{site}": [i for i, p in enumerate(paths) if folder in p] for site, folder in SITES.items()}}
-    for scope, idx in sites.items():
-        if scope != "test_part":
-            metrics[scope] = _figures(score_predictions(y[idx], probs[idx], info))
+    scopes = {"test_part": set(range(len(paths))),
+              **{f"test_part_{site}": {i for i, p in enumerate(paths) if folder in p} for site, folder in SITES.items()}}
+    for scope, idx in scopes.items():
+        rows = sorted(idx)
+        metrics[scope] = _figures(score_predictions(y[rows], probs[rows], info))
     if has_mask_head(packed):                      # lesion Dice of the packed mask decoder on the test part
         by_path = {s.path: s for s in find_task(info.data["source"], info.config).samples}
         masks, kept = true_masks([by_path[p] for p in paths], info.img_size, info.config.resize)
         lesion = predict_masks(packed, images[kept])
-        for scope, idx in sites.items():
-            rows_with_mask = [k for k, i in enumerate(kept) if i in set(idx)]
-            metrics[scope]["segmentation"] = segmentation_metrics(lesion[rows_with_mask], masks[rows_with_mask])[0]
+        for scope, idx in scopes.items():
+            with_mask = [k for k, i in enumerate(kept) if i in idx]
+            metrics[scope]["segmentation"] = segmentation_metrics(lesion[with_mask], masks[with_mask])[0]
     metrics["training_seconds"] = json.loads((work / "metrics.json").read_text())["timing_seconds"]["total"]
     metrics["operating_points_chosen_on"] = info.operating_points
     metrics["data"] = info.data
@@ -114,16 +114,21 @@ def _ci(v) -> str:
     return f"{v[0]:.3f}–{v[1]:.3f}"
 
 
+def _scope_name(scope: str) -> str:
+    """'test_part' -> 'both sites', 'test_part_BUSI' -> 'BUSI'."""
+    return scope.replace("test_part_", "").replace("test_part", "both sites")
+
+
 def model_card(info: RunInfo, m: dict, size: int) -> str:
     rows = []
     scopes = [scope for scope in m if scope.startswith("test_part")]
     for scope in scopes:
         f = m[scope]
-        rows.append(f"| {scope.replace('test_part_', '').replace('test_part', 'both sites')} | {f['n']} "
+        rows.append(f"| {_scope_name(scope)} | {f['n']} "
                     f"({f['n_per_class']['malignant']} malignant) | {f['auc']:.3f} ({_ci(f['auc_ci'])}) | "
                     f"{f['sensitivity']:.3f} ({_ci(f['sensitivity_ci'])}) | {f['specificity']:.3f} "
                     f"({_ci(f['specificity_ci'])}) |")
-    seg = [f"| {scope.replace('test_part_', '').replace('test_part', 'both sites')} | {g['n']} | "
+    seg = [f"| {_scope_name(scope)} | {g['n']} | "
            f"{g['dice_mean']:.3f} ({_ci(g['dice_ci'])}) | {g['dice_median']:.3f} |"
            for scope in scopes if (g := m[scope].get("segmentation"))]
     seg_table = ("\n\nLesion masks (the second output, `sonocad predict --masks`): Dice at P(lesion) ≥ 0.5 against the "

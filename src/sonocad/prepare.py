@@ -255,10 +255,10 @@ def split_train_val(full: Split, cfg: TrainConfig) -> tuple[Split, Split]:
     return train, val
 
 
-def grouping(prepared: Prepared, has_groups: bool | None = None) -> str:
+def grouping(prepared: Prepared) -> str:
     """What keeps related images on one side of every split: patient ids, duplicate groups, or nothing."""
     parts = []
-    if any(s.group for s in prepared.full.samples) if has_groups is None else has_groups:
+    if any(s.group for s in prepared.full.samples):
         parts.append("group column / patient ids")
     n = prepared.n_duplicate_sets
     if isinstance(n, int):
@@ -271,14 +271,13 @@ def data_summary(data, test_source: str, prepared: Prepared, train: Split, val: 
                  bad: list[str] | None = None, offline_augment: int = 0) -> dict:
     """What a run was trained and tested on: sources, counts per part and class, grouping, images left out."""
     classes = prepared.classes
-    groups = [s.group for s in train.samples + val.samples + test.samples]
     return {
         "source": [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data),
         "test_source": test_source,
         **{f"n_{name}": part.counts(classes) for name, part in (("train", train), ("val", val), ("test", test))},
         **({"n_train_with_offline_copies": {c: n * (offline_augment + 1) for c, n in train.counts(classes).items()}}
            if offline_augment else {}),
-        "grouped_by": grouping(prepared, any(groups)),
+        "grouped_by": grouping(prepared),
         "skipped_bad_images": prepared.bad + (bad or []),
         "duplicate_sets_found": prepared.n_duplicate_sets,
     }
