@@ -5,17 +5,20 @@ Two target sites, each with a fixed split into a local pool and a test part that
 - BUS-BRA (dev part): the pool is official fold 1 (5-fold-cv.csv), the test part fold 2; grouped by patient.
 - BUSI (benign/malignant): two halves of its duplicate groups (StratifiedGroupKFold, seed 0); grouped by them.
 
-learning: for each size N and seed s, N local images (whole groups, drawn with seed s) fine-tuned with the
-default recipe from ImageNet and from `--init RUN` (a model trained on the other site), the same images for
-both; AUC on the test part. Reports mean ± sd over seeds, a paired t-test of the seed-wise differences and a
-paired DeLong test per seed.
+learning: for each size N and seed s, N local images (whole groups, drawn with seed s) fine-tuned from ImageNet
+and from `--init RUN` (a model trained on the other site) with each recipe of `--arms` (RECIPES below), the
+same images for every arm; AUC on three parts: the selection part (the rest of the local pool, which that
+seed did not draw), the test part, and both together (the rest of the site, every image not fine-tuned on). Reports mean ± sd over seeds, and for each ultrasound-init arm a paired t-test of its
+seed-wise differences from the ImageNet arm and a paired DeLong test per seed. Recipes are compared on the
+selection part (BUS-BRA: the rest of fold 1); the one chosen is confirmed once on the test part (fold 2).
 
 calibration: the init model alone on the target site; local sets of 20, 40, 80 cases drawn from the pool
 (`--draws` times each): temperature and operating points chosen on the local set (sonocad.calibrate's choice),
 then sensitivity and specificity at the calibrated high-sensitivity point on the test part, against the init
 run's own point.
 
-    .venv/bin/python bench/loso.py learning busbra --init runs/busi --sizes 100 --seeds 0 1 2
+    .venv/bin/python bench/loso.py learning busbra --init runs/busi --sizes 100 --seeds 0 1 2 \
+        --arms imagenet ultrasound gentle head-only
     .venv/bin/python bench/loso.py calibration busbra --init runs/busi
 """
 from __future__ import annotations
@@ -46,10 +49,19 @@ from sonocad.train import fit  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 CLASSES = ["benign", "malignant"]
+# Fine-tuning recipes compared: the train options each arm adds to sonocad's default recipe; "imagenet" alone
+# starts from ImageNet weights, the others from --init.
+RECIPES = {
+    "imagenet": {},
+    "ultrasound": {},                                          # the default recipe, from --init
+    "gentle": {"head_epochs": 0, "finetune_lr": 5e-5},         # the head kept as trained, phase 2 at 1/4 the rate
+    "head-only": {"unfreeze": "0"},                            # phase 1 only: the ultrasound backbone frozen
+}
 
 
 def target_split(site: str) -> tuple[list[dict], list[dict]]:
-    """(pool rows, test rows) of the target site; each row path, label, group."""
+    """(local pool, test) rows of the target site; each row path, label, group. BUS-BRA: official folds 1 and 2;
+    BUSI: two halves of its duplicate groups."""
     if site == "busbra":
         root = SHARED / "busbra" / "BUSBRA"
         with open(root / "5-fold-cv.csv", newline="", encoding="utf-8-sig") as f:
@@ -90,54 +102,94 @@ def write_manifest(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def test_probs(run: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+PARTS = ("selection", "test", "rest")
+
+
+def scored(run: Path, parts: dict[str, set[str]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(labels, probabilities) of the run's test predictions, per part (a set of image paths)."""
     with open(run / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    return ([r["path"] for r in rows], np.asarray([r["label"] == "malignant" for r in rows], int),
-            np.asarray([float(r["prob"]) for r in rows]))
+    out = {}
+    for name, paths in parts.items():
+        part = [r for r in rows if r["path"] in paths]
+        out[name] = (np.asarray([r["label"] == "malignant" for r in part], int), np.asarray([float(r["prob"]) for r in part]))
+    return out
+
+
+def compare(arms: list[dict], name: str, part: str) -> dict:
+    """Arm `name` against the ImageNet arm on one part: mean ± sd over seeds, paired t, DeLong per seed."""
+    us = np.asarray([x[name][part]["auc"] for x in arms])
+    im = np.asarray([x["imagenet"][part]["auc"] for x in arms])
+    t = stats.ttest_rel(us, im) if len(arms) > 1 else None
+    sd = (lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+    return {"imagenet": [float(im.mean()), sd(im)], name: [float(us.mean()), sd(us)],
+            "diff_mean": float((us - im).mean()), "diff_per_seed": (us - im).round(4).tolist(),
+            "paired_t_p": float(t.pvalue) if t else None,
+            "delong_p_per_seed": [x[name][part]["delong_p"] for x in arms], "seeds": len(arms)}
+
+
+def init_logits(predictor: Predictor, rows: list[dict]) -> np.ndarray:
+    """The (first) model's logits for the rows' images, with the run's own test-time augmentation."""
+    model, pipeline = predictor.members[0]
+    images = predictor.decode([r["path"] for r in rows])[0]
+    cfg = predictor.info.config
+    return run_batches(model, images, pipeline, tta=cfg.tta, zooms=cfg.tta_zooms)[:, 0].astype(float)
 
 
 def learning(a) -> dict:
     pool, test = target_split(a.site)
     work = Path(a.work) / f"learning-{a.site}"
-    test_csv = write_manifest(test, work / "test.csv")
-    results = {"site": a.site, "init": a.init, "n_test": len(test), "arms": []}
+    # the init model alone, no local training: the reference every fine-tuning arm should pass
+    alone = dict(zip([r["path"] for r in pool + test], init_logits(Predictor.load(a.init), pool + test)))
+    results = {"site": a.site, "init": a.init, "n_test": len(test), "recipes": {k: RECIPES[k] for k in a.arms},
+               "arms": []}
     for n in a.sizes:
         for seed in a.seeds:
             local = draw(pool, n, 1000 * n + seed)
+            drawn = {r["path"] for r in local}
+            selection = [r for r in pool if r["path"] not in drawn]
+            parts = {"selection": {r["path"] for r in selection}, "test": {r["path"] for r in test},
+                     "rest": {r["path"] for r in selection + test}}     # the issue's "rest of the site"
             local_csv = write_manifest(local, work / f"n{n}-s{seed}" / "local.csv")
-            arm = {"n": n, "seed": seed, "n_local": len(local),
-                   "n_local_malignant": sum(r["label"] == "malignant" for r in local)}
-            for name, init in (("imagenet", None), ("ultrasound", a.init)):
+            test_csv = write_manifest(test + selection, work / f"n{n}-s{seed}" / "scored.csv")
+            arm = {"n": n, "seed": seed, "n_local": len(local), "n_selection": len(selection),
+                   "n_local_malignant": sum(r["label"] == "malignant" for r in local),
+                   "init_alone": {part: {"auc": float(binary_metrics(
+                       np.asarray([r["label"] == "malignant" for r in rows], int),
+                       expit(np.asarray([alone[r["path"]] for r in rows])), ci=None)["auc"])}
+                       for part, rows in (("selection", selection), ("test", test), ("rest", selection + test))}}
+            probs = {}
+            for name in a.arms:
                 out = work / f"n{n}-s{seed}" / name
-                t0 = time.perf_counter()
                 if not (out / "run.json").is_file():     # an arm interrupted earlier is trained again
                     fit(str(local_csv), out, test_data=str(test_csv), progress=False, classes=CLASSES, seed=seed,
-                        init=init, dedup=False, overwrite=out.exists())
-                paths, y, p = test_probs(out)
-                arm[name] = {"auc": float(binary_metrics(y, p, ci=None)["auc"]), "seconds": round(time.perf_counter() - t0)}
-                arm[f"{name}_probs"] = p
-            d = delong_test(y, arm["ultrasound_probs"], arm["imagenet_probs"])
-            arm["delong_p"] = float(d["p_value"])
-            print(json.dumps({k: v for k, v in arm.items() if not k.endswith("_probs")}), flush=True)
+                        init=None if name == "imagenet" else a.init, dedup=False, overwrite=out.exists(),
+                        **RECIPES[name])
+                seconds = json.loads((out / "metrics.json").read_text()).get("timing_seconds", {}).get("total")
+                probs[name] = scored(out, parts)
+                arm[name] = {"seconds": seconds}
+                for part, (y, p) in probs[name].items():
+                    arm[name][part] = {"auc": float(binary_metrics(y, p, ci=None)["auc"])}
+                    if name != "imagenet" and "imagenet" in probs:
+                        arm[name][part]["delong_p"] = float(delong_test(y, p, probs["imagenet"][part][1])["p_value"])
+            print(json.dumps(arm), flush=True)
             results["arms"].append(arm)
     summary = {}
     for n in a.sizes:
         arms = [x for x in results["arms"] if x["n"] == n]
-        us = np.asarray([x["ultrasound"]["auc"] for x in arms])
-        im = np.asarray([x["imagenet"]["auc"] for x in arms])
-        t = stats.ttest_rel(us, im) if len(arms) > 1 else None
-        summary[n] = {"imagenet": [float(im.mean()), float(im.std(ddof=1)) if len(im) > 1 else 0.0],
-                      "ultrasound": [float(us.mean()), float(us.std(ddof=1)) if len(us) > 1 else 0.0],
-                      "diff_mean": float((us - im).mean()), "paired_t_p": float(t.pvalue) if t else None,
-                      "delong_p_per_seed": [x["delong_p"] for x in arms], "seeds": len(arms)}
-        print(f"N={n}: ImageNet init AUC {im.mean():.3f} ± {summary[n]['imagenet'][1]:.3f}, ultrasound init "
-              f"{us.mean():.3f} ± {summary[n]['ultrasound'][1]:.3f}, difference {(us - im).mean():+.3f} "
-              f"(paired t over {len(arms)} seeds p={summary[n]['paired_t_p']}; DeLong per seed "
-              f"{', '.join(f'{p:.3g}' for p in summary[n]['delong_p_per_seed'])})", flush=True)
+        for name in (k for k in a.arms if k != "imagenet" and "imagenet" in a.arms):
+            for part in PARTS:
+                c = summary.setdefault(str(n), {}).setdefault(name, {})[part] = compare(arms, name, part)
+                print(f"N={n} {part} part: ImageNet init AUC {c['imagenet'][0]:.3f} ± "
+                      f"{c['imagenet'][1]:.3f}, {name} {c[name][0]:.3f} ± {c[name][1]:.3f}, difference "
+                      f"{c['diff_mean']:+.3f} (per seed {c['diff_per_seed']}; paired t over {c['seeds']} seeds "
+                      f"p={c['paired_t_p']}; DeLong per seed {', '.join(f'{p:.3g}' for p in c['delong_p_per_seed'])})",
+                      flush=True)
+        for part in PARTS:
+            v = np.asarray([x["init_alone"][part]["auc"] for x in arms])
+            summary.setdefault(str(n), {}).setdefault("init_alone", {})[part] = [float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0]
+            print(f"N={n} {part} part: the init model alone AUC {v.mean():.3f}", flush=True)
     results["summary"] = summary
-    for x in results["arms"]:
-        x.pop("imagenet_probs"), x.pop("ultrasound_probs")
     return results
 
 
@@ -145,14 +197,7 @@ def calibration(a) -> dict:
     pool, test = target_split(a.site)
     predictor = Predictor.load(a.init)
     info = predictor.info
-    model, pipeline = predictor.members[0]
-    cfg = info.config
-
-    def logits(rows):
-        images = predictor.decode([r["path"] for r in rows])[0]
-        return run_batches(model, images, pipeline, tta=cfg.tta, zooms=cfg.tta_zooms)[:, 0].astype(float)
-
-    zp, zt = logits(pool), logits(test)
+    zp, zt = init_logits(predictor, pool), init_logits(predictor, test)
     yp = np.asarray([r["label"] == "malignant" for r in pool], int)
     yt = np.asarray([r["label"] == "malignant" for r in test], int)
     own = binary_metrics(yt, expit(zt / info.temperature), threshold=info.thresholds["high_sensitivity"], ci=None)
@@ -190,6 +235,7 @@ def main(argv=None) -> int:
     ap.add_argument("--init", required=True, help="a run trained on the other site")
     ap.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 200])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--arms", nargs="+", choices=sorted(RECIPES), default=["imagenet", "ultrasound"])
     ap.add_argument("--local-sizes", type=int, nargs="+", default=[20, 40, 80])
     ap.add_argument("--draws", type=int, default=200)
     ap.add_argument("--work", default=str(ROOT / "runs" / "loso"))
