@@ -14,8 +14,8 @@ selection part (BUS-BRA: the rest of fold 1); the one chosen is confirmed once o
 
 calibration: the init model alone on the target site; local sets of 20, 40, 80 cases drawn from the pool
 (`--draws` times each): temperature and operating points chosen on the local set (sonocad.calibrate's choice),
-then sensitivity and specificity at the calibrated high-sensitivity point on the test part, against the init
-run's own point.
+then sensitivity and specificity at the calibrated high-sensitivity point on the test part, and on the rest of
+the site (the test part and the pool's patients not drawn), against the init run's own point.
 
     .venv/bin/python bench/loso.py learning busbra --init runs/busi --sizes 100 --seeds 0 1 2 \
         --arms imagenet ultrasound gentle head-only
@@ -141,6 +141,11 @@ def learning(a) -> dict:
     work = Path(a.work) / f"learning-{a.site}"
     # the init model alone, no local training: the reference every fine-tuning arm should pass
     alone = dict(zip([r["path"] for r in pool + test], init_logits(Predictor.load(a.init), pool + test)))
+
+    def alone_auc(rows: list[dict]) -> float:
+        y = np.asarray([r["label"] == "malignant" for r in rows], int)
+        return float(binary_metrics(y, expit(np.asarray([alone[r["path"]] for r in rows])), ci=None)["auc"])
+
     results = {"site": a.site, "init": a.init, "n_test": len(test), "recipes": {k: RECIPES[k] for k in a.arms},
                "arms": []}
     for n in a.sizes:
@@ -154,12 +159,10 @@ def learning(a) -> dict:
             test_csv = write_manifest(test + selection, work / f"n{n}-s{seed}" / "scored.csv")
             arm = {"n": n, "seed": seed, "n_local": len(local), "n_selection": len(selection),
                    "n_local_malignant": sum(r["label"] == "malignant" for r in local),
-                   "init_alone": {part: {"auc": float(binary_metrics(
-                       np.asarray([r["label"] == "malignant" for r in rows], int),
-                       expit(np.asarray([alone[r["path"]] for r in rows])), ci=None)["auc"])}
-                       for part, rows in (("selection", selection), ("test", test), ("rest", selection + test))}}
+                   "init_alone": {part: {"auc": alone_auc(part_rows)} for part, part_rows in
+                                  (("selection", selection), ("test", test), ("rest", selection + test))}}
             probs = {}
-            for name in a.arms:
+            for name in sorted(a.arms, key=lambda k: k != "imagenet"):     # ImageNet first: the others pair with it
                 out = work / f"n{n}-s{seed}" / name
                 if not (out / "run.json").is_file():     # an arm interrupted earlier is trained again
                     fit(str(local_csv), out, test_data=str(test_csv), progress=False, classes=CLASSES, seed=seed,
@@ -207,24 +210,31 @@ def calibration(a) -> dict:
            "uncalibrated_default": {k: binary_metrics(yt, expit(zt / info.temperature), ci=None)[k]
                                     for k in ("sensitivity", "specificity")}, "local": {}}
     print(json.dumps(out), flush=True)
+    groups = np.asarray([r["group"] for r in pool])
     rng = np.random.default_rng(0)
     for n in a.local_sizes:
-        sens, spec, promised = [], [], []
+        figures: dict[str, list] = {"test": [], "rest": []}
         for _ in range(a.draws):
             idx = rng.choice(len(yp), n, replace=False)
             if yp[idx].min() == yp[idx].max():
                 continue
             temp = fit_temperature(yp[idx], zp[idx])
             t = choose_thresholds(yp[idx], expit(zp[idx] / temp))["high_sensitivity"]
-            m = binary_metrics(yt, expit(zt / temp), threshold=t, ci=None)
-            sens.append(m["sensitivity"]), spec.append(m["specificity"])
-        s, sp = np.asarray(sens), np.asarray(spec)
-        out["local"][n] = {"draws": len(s), "sensitivity_mean": float(s.mean()), "sensitivity_p5_p95": np.percentile(s, [5, 95]).tolist(),
-                           "share_with_sensitivity_at_least_0.90": float((s >= 0.90).mean()),
-                           "specificity_mean": float(sp.mean()), "specificity_p5_p95": np.percentile(sp, [5, 95]).tolist()}
-        print(f"local set of {n}: calibrated high-sensitivity point on the test part: sensitivity {s.mean():.3f} "
-              f"(5-95%: {np.percentile(s, 5):.3f}-{np.percentile(s, 95):.3f}; >= 0.90 in {(s >= 0.9).mean():.0%} of "
-              f"{len(s)} draws), specificity {sp.mean():.3f}", flush=True)
+            # the rest of the site: the test part and the pool's images of patients (groups) not drawn
+            undrawn = ~np.isin(groups, groups[idx])
+            for part, (y, z) in (("test", (yt, zt)), ("rest", (np.r_[yp[undrawn], yt], np.r_[zp[undrawn], zt]))):
+                m = binary_metrics(y, expit(z / temp), threshold=t, ci=None)
+                figures[part].append((m["sensitivity"], m["specificity"]))
+        out["local"][n] = {}
+        for part, rows in figures.items():
+            s, sp = np.asarray(rows).T
+            out["local"][n][part] = {
+                "draws": len(s), "sensitivity_mean": float(s.mean()), "sensitivity_p5_p95": np.percentile(s, [5, 95]).tolist(),
+                "share_with_sensitivity_at_least_0.90": float((s >= 0.90).mean()),
+                "specificity_mean": float(sp.mean()), "specificity_p5_p95": np.percentile(sp, [5, 95]).tolist()}
+            print(f"local set of {n}: calibrated high-sensitivity point on the {part} part: sensitivity {s.mean():.3f} "
+                  f"(5-95%: {np.percentile(s, 5):.3f}-{np.percentile(s, 95):.3f}; >= 0.90 in {(s >= 0.9).mean():.0%} "
+                  f"of {len(s)} draws), specificity {sp.mean():.3f}", flush=True)
     return out
 
 
