@@ -8,8 +8,9 @@ Two target sites, each with a fixed split into a local pool and a test part that
 learning: for each size N and seed s, N local images (whole groups, drawn with seed s) fine-tuned from ImageNet
 and from `--init RUN` (a model trained on the other site) with each recipe of `--arms` (RECIPES below), the
 same images for every arm; AUC on three parts: the selection part (the rest of the local pool, which that
-seed did not draw), the test part, and both together (the rest of the site, every image not fine-tuned on). Reports mean ± sd over seeds, and for each ultrasound-init arm a paired t-test of its
-seed-wise differences from the ImageNet arm and a paired DeLong test per seed. Recipes are compared on the
+seed did not draw), the test part, and both together (the rest of the site, every image not fine-tuned on).
+Reports mean ± sd over seeds, and for each ultrasound-init arm a paired t-test of its seed-wise differences
+from the ImageNet arm and a paired DeLong test per seed. Recipes are compared on the
 selection part (BUS-BRA: the rest of fold 1); the one chosen is confirmed once on the test part (fold 2).
 
 calibration: the init model alone on the target site; local sets of 20, 40, 80 cases drawn from the pool
@@ -116,13 +117,16 @@ def scored(run: Path, parts: dict[str, set[str]]) -> dict[str, tuple[np.ndarray,
     return out
 
 
+def mean_sd(v: np.ndarray) -> list[float]:
+    return [float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0]
+
+
 def compare(arms: list[dict], name: str, part: str) -> dict:
     """Arm `name` against the ImageNet arm on one part: mean ± sd over seeds, paired t, DeLong per seed."""
     us = np.asarray([x[name][part]["auc"] for x in arms])
     im = np.asarray([x["imagenet"][part]["auc"] for x in arms])
     t = stats.ttest_rel(us, im) if len(arms) > 1 else None
-    sd = (lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0)
-    return {"imagenet": [float(im.mean()), sd(im)], name: [float(us.mean()), sd(us)],
+    return {"imagenet": mean_sd(im), name: mean_sd(us),
             "diff_mean": float((us - im).mean()), "diff_per_seed": (us - im).round(4).tolist(),
             "paired_t_p": float(t.pvalue) if t else None,
             "delong_p_per_seed": [x[name][part]["delong_p"] for x in arms], "seeds": len(arms)}
@@ -153,14 +157,13 @@ def learning(a) -> dict:
             local = draw(pool, n, 1000 * n + seed)
             drawn = {r["path"] for r in local}
             selection = [r for r in pool if r["path"] not in drawn]
-            parts = {"selection": {r["path"] for r in selection}, "test": {r["path"] for r in test},
-                     "rest": {r["path"] for r in selection + test}}     # the issue's "rest of the site"
+            part_rows = dict(zip(PARTS, (selection, test, test + selection)))   # "rest": the issue's rest of the site
+            parts = {part: {r["path"] for r in rows} for part, rows in part_rows.items()}
             local_csv = write_manifest(local, work / f"n{n}-s{seed}" / "local.csv")
-            test_csv = write_manifest(test + selection, work / f"n{n}-s{seed}" / "scored.csv")
+            test_csv = write_manifest(part_rows["rest"], work / f"n{n}-s{seed}" / "scored.csv")
             arm = {"n": n, "seed": seed, "n_local": len(local), "n_selection": len(selection),
                    "n_local_malignant": sum(r["label"] == "malignant" for r in local),
-                   "init_alone": {part: {"auc": alone_auc(part_rows)} for part, part_rows in
-                                  (("selection", selection), ("test", test), ("rest", selection + test))}}
+                   "init_alone": {part: {"auc": alone_auc(rows)} for part, rows in part_rows.items()}}
             probs = {}
             for name in sorted(a.arms, key=lambda k: k != "imagenet"):     # ImageNet first: the others pair with it
                 out = work / f"n{n}-s{seed}" / name
@@ -190,7 +193,7 @@ def learning(a) -> dict:
                       flush=True)
         for part in PARTS:
             v = np.asarray([x["init_alone"][part]["auc"] for x in arms])
-            summary.setdefault(str(n), {}).setdefault("init_alone", {})[part] = [float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0]
+            summary.setdefault(str(n), {}).setdefault("init_alone", {})[part] = mean_sd(v)
             print(f"N={n} {part} part: the init model alone AUC {v.mean():.3f}", flush=True)
     results["summary"] = summary
     return results
