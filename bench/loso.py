@@ -14,9 +14,10 @@ from the ImageNet arm and a paired DeLong test per seed. Recipes are compared on
 selection part (BUS-BRA: the rest of fold 1); the one chosen is confirmed once on the test part (fold 2).
 
 calibration: the init model alone on the target site; local sets of 20, 40, 80 cases drawn from the pool
-(`--draws` times each): temperature and operating points chosen on the local set (sonocad.calibrate's choice),
-then sensitivity and specificity at the calibrated high-sensitivity point on the test part, and on the rest of
-the site (the test part and the pool's patients not drawn), against the init run's own point.
+(`--draws` times each): temperature and high-sensitivity threshold chosen on the local set (sonocad.calibrate's
+choice, and the other rules of THRESHOLD_RULES), then sensitivity and specificity at that threshold on the same
+three parts: the pool's patients not drawn (selection, where rules are compared), the test part, and both
+(the rest of the site); against the init run's own point.
 
     .venv/bin/python bench/loso.py learning busbra --init runs/busi --sizes 100 --seeds 0 1 2 \
         --arms imagenet ultrasound gentle head-only
@@ -36,14 +37,14 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
-from scipy.special import expit  # noqa: E402
+from scipy.special import expit, logit  # noqa: E402
 from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
 
 from sonocad.config import TrainConfig  # noqa: E402
 from sonocad.data.split import group_ids  # noqa: E402
 from sonocad.infer import run_batches  # noqa: E402
 from sonocad.metrics import binary_metrics, delong_test, fit_temperature  # noqa: E402
-from sonocad.operating import choose_thresholds  # noqa: E402
+from sonocad.operating import TARGET_SENSITIVITY, choose_thresholds  # noqa: E402
 from sonocad.predictor import Predictor  # noqa: E402
 from sonocad.prepare import decode_task, find_task  # noqa: E402
 from sonocad.train import fit  # noqa: E402
@@ -57,6 +58,46 @@ RECIPES = {
     "ultrasound": {},                                          # the default recipe, from --init
     "gentle": {"head_epochs": 0, "finetune_lr": 5e-5},         # the head kept as trained, phase 2 at 1/4 the rate
     "head-only": {"unfreeze": "0"},                            # phase 1 only: the ultrasound backbone frozen
+}
+
+
+def _tail_logits(y, p) -> np.ndarray:
+    return logit(np.clip(p[y == 1], 1e-12, 1 - 1e-12))
+
+
+def _kde_quantile(y, p) -> float:
+    z = _tail_logits(y, p)
+    try:
+        kde = stats.gaussian_kde(z)
+    except (ValueError, np.linalg.LinAlgError):             # fewer than 2 distinct cancer scores
+        return float(p[y == 1].min())
+    grid = np.linspace(z.min() - 4 * z.std() - 1, z.max(), 200)
+    cdf = np.asarray([kde.integrate_box_1d(-np.inf, g) for g in grid])
+    return float(min(p[y == 1].min(), expit(grid[np.searchsorted(cdf, 1 - TARGET_SENSITIVITY)])))
+
+
+def _normal_tolerance(y, p) -> float:
+    z = _tail_logits(y, p)
+    if len(z) < 3:
+        return float(p[y == 1].min())
+    k = stats.nct.ppf(0.95, len(z) - 1, stats.norm.ppf(TARGET_SENSITIVITY) * np.sqrt(len(z))) / np.sqrt(len(z))
+    return float(min(p[y == 1].min(), expit(z.mean() - k * z.std(ddof=1))))
+
+
+def _lowest_minus_gap(y, p) -> float:
+    z = np.sort(_tail_logits(y, p))
+    return float(expit(z[0] - (z[1] - z[0]) if len(z) > 1 else z[0]))
+
+
+# High-sensitivity rules compared in calibration, for local sets with fewer cancers than the 59 on which the
+# Clopper-Pearson bound promises 0.95 (every draw here): each maps the local labels and calibrated probabilities
+# to a threshold at or below the lowest local cancer's score. "sonocad" is sonocad.operating's choice.
+THRESHOLD_RULES = {
+    "sonocad": lambda y, p: choose_thresholds(y, p)["high_sensitivity"],   # normal prediction bound (logits)
+    "lowest": lambda y, p: float(p[y == 1].min()),                        # sonocad's rule before: n/(n+1) on average
+    "kde": _kde_quantile,                                                 # 5% quantile of a Gaussian KDE (logits)
+    "normal-tolerance": _normal_tolerance,                               # 95%-confidence bound of the 5% quantile
+    "lowest-minus-gap": _lowest_minus_gap,                               # lowest minus its gap to the next
 }
 
 
@@ -216,28 +257,31 @@ def calibration(a) -> dict:
     groups = np.asarray([r["group"] for r in pool])
     rng = np.random.default_rng(0)
     for n in a.local_sizes:
-        figures: dict[str, list] = {"test": [], "rest": []}
+        figures: dict[str, dict[str, list]] = {rule: {part: [] for part in PARTS} for rule in a.rules}
         for _ in range(a.draws):
             idx = rng.choice(len(yp), n, replace=False)
             if yp[idx].min() == yp[idx].max():
                 continue
             temp = fit_temperature(yp[idx], zp[idx])
-            t = choose_thresholds(yp[idx], expit(zp[idx] / temp))["high_sensitivity"]
-            # the rest of the site: the test part and the pool's images of patients (groups) not drawn
-            undrawn = ~np.isin(groups, groups[idx])
-            for part, (y, z) in (("test", (yt, zt)), ("rest", (np.r_[yp[undrawn], yt], np.r_[zp[undrawn], zt]))):
-                m = binary_metrics(y, expit(z / temp), threshold=t, ci=None)
-                figures[part].append((m["sensitivity"], m["specificity"]))
+            undrawn = ~np.isin(groups, groups[idx])        # the pool's images of patients (groups) not drawn
+            parts = {"selection": (yp[undrawn], zp[undrawn]), "test": (yt, zt),
+                     "rest": (np.r_[yp[undrawn], yt], np.r_[zp[undrawn], zt])}
+            for rule in a.rules:
+                t = THRESHOLD_RULES[rule](yp[idx], expit(zp[idx] / temp))
+                for part, (y, z) in parts.items():
+                    m = binary_metrics(y, expit(z / temp), threshold=t, ci=None)
+                    figures[rule][part].append((m["sensitivity"], m["specificity"]))
         out["local"][n] = {}
-        for part, rows in figures.items():
-            s, sp = np.asarray(rows).T
-            out["local"][n][part] = {
-                "draws": len(s), "sensitivity_mean": float(s.mean()), "sensitivity_p5_p95": np.percentile(s, [5, 95]).tolist(),
-                "share_with_sensitivity_at_least_0.90": float((s >= 0.90).mean()),
-                "specificity_mean": float(sp.mean()), "specificity_p5_p95": np.percentile(sp, [5, 95]).tolist()}
-            print(f"local set of {n}: calibrated high-sensitivity point on the {part} part: sensitivity {s.mean():.3f} "
-                  f"(5-95%: {np.percentile(s, 5):.3f}-{np.percentile(s, 95):.3f}; >= 0.90 in {(s >= 0.9).mean():.0%} "
-                  f"of {len(s)} draws), specificity {sp.mean():.3f}", flush=True)
+        for rule, by_part in figures.items():
+            for part, rows in by_part.items():
+                s, sp = np.asarray(rows).T
+                out["local"][n].setdefault(rule, {})[part] = {
+                    "draws": len(s), "sensitivity_mean": float(s.mean()), "sensitivity_p5_p95": np.percentile(s, [5, 95]).tolist(),
+                    "share_with_sensitivity_at_least_0.90": float((s >= 0.90).mean()),
+                    "specificity_mean": float(sp.mean()), "specificity_p5_p95": np.percentile(sp, [5, 95]).tolist()}
+                print(f"local set of {n}, rule {rule}: calibrated high-sensitivity point on the {part} part: sensitivity "
+                      f"{s.mean():.3f} (5-95%: {np.percentile(s, 5):.3f}-{np.percentile(s, 95):.3f}; >= 0.90 in "
+                      f"{(s >= 0.9).mean():.0%} of {len(s)} draws), specificity {sp.mean():.3f}", flush=True)
     return out
 
 
@@ -251,6 +295,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", nargs="+", choices=sorted(RECIPES), default=["imagenet", "ultrasound"])
     ap.add_argument("--local-sizes", type=int, nargs="+", default=[20, 40, 80])
     ap.add_argument("--draws", type=int, default=200)
+    ap.add_argument("--rules", nargs="+", choices=list(THRESHOLD_RULES), default=list(THRESHOLD_RULES))
     ap.add_argument("--work", default=str(ROOT / "runs" / "loso"))
     a = ap.parse_args(argv)
     t0 = time.perf_counter()

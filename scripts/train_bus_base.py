@@ -164,7 +164,7 @@ def model_card(info: RunInfo, m: dict, size: int) -> str:
 
 Split ({d.get('grouped_by', '')}): training {d.get('n_train')}, validation {d.get('n_val')}, held-out test {d.get('n_test')}.
 Operating points were chosen on the validation part ({vp.get('n_pos', '?')} malignant, {vp.get('n_neg', '?')} benign): the
-high-sensitivity threshold is its lowest malignant score, which promises sensitivity ≥ {vp.get('promised_sensitivity', float('nan')):.3f}
+high-sensitivity threshold is at or below its lowest malignant score, which promises sensitivity ≥ {vp.get('promised_sensitivity', float('nan')):.3f}
 on new cases from these sites with 95% confidence (59 malignant validation cases would be needed to promise 0.95).
 
 ## Measured figures (held-out test part, never trained or tuned on; fp16 weights as shipped)

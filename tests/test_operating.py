@@ -6,8 +6,8 @@ import pytest
 from scipy import stats
 
 from sonocad.console import promise_verdict
-from sonocad.operating import (choose_thresholds, point_figures, positives_needed, promise_check, promise_warning,
-                               sensitivity_bound)
+from sonocad.operating import (choose_thresholds, normal_bound, point_figures, positives_needed, promise_check,
+                               promise_warning, sensitivity_bound)
 
 
 def test_bound_is_clopper_pearson():
@@ -29,7 +29,9 @@ def test_many_positives_promise_the_target_few_do_not():
     assert t["high_sensitivity"] < choose_thresholds(y, p, confidence=None)["high_sensitivity"]
     assert fig["sensitivity"] > 0.95
     few = point_figures(y[:320], p[:320], choose_thresholds(y[:320], p[:320]))["high_sensitivity"]  # 300 + 20
-    assert not few["target_promised"] and few["threshold"] == p[:320][y[:320] == 1].min()
+    lowest = p[:320][y[:320] == 1].min()
+    assert not few["target_promised"] and few["threshold"] == normal_bound(p[300:320]) <= lowest
+    assert few["rule"] == "normal prediction bound" and fig["rule"] == "clopper-pearson bound"
     assert few["sensitivity"] == 1.0 and few["promised_sensitivity"] == pytest.approx(0.05 ** (1 / 20))
     line = promise_warning({"high_sensitivity": few}, "the local set")
     assert line.startswith("the local set: only 20 positive cases;") and "59 positives are needed" in line
@@ -50,6 +52,22 @@ def test_promise_holds_on_new_cases_and_the_bare_target_does_not():
         bare_kept.append(stats.norm.sf(np.log(bare / (1 - bare))) >= 0.95)
     assert np.mean(kept) >= 0.93         # exactly 0.95 in theory; sd 0.007 over 1000 sets
     assert np.mean(bare_kept) < 0.6
+
+
+def test_few_positives_normal_bound_gives_the_target_on_average_the_lowest_score_does_not():
+    """13 positives (a local set of 40): were their logits normal, the threshold gives new positives the target on
+    average; the lowest positive score alone gives n / (n + 1) = 0.93."""
+    rng = np.random.default_rng(2)
+    chosen, lowest = [], []
+    for _ in range(2000):
+        z = rng.normal(0, 1, 13)
+        y, p = np.r_[np.zeros(27), np.ones(13)], 1 / (1 + np.exp(-np.r_[rng.normal(-2, 1, 27), z]))
+        t = choose_thresholds(y, p)["high_sensitivity"]
+        assert t <= p[27:].min()
+        chosen.append(stats.norm.sf(np.log(t / (1 - t))))
+        lowest.append(stats.norm.sf(z.min()))
+    assert np.mean(chosen) >= 0.945 and np.mean(lowest) < 0.935       # 0.95 and 0.929 in theory; sd 0.002
+    assert normal_bound([0.2, 0.9]) == 0.2 and normal_bound([0.5, 0.6, 0.7], target=1.0) == 0.5
 
 
 def test_one_class_gives_no_points():

@@ -6,13 +6,17 @@ other n - k + 1; the sensitivity it gives on new cases from the same population 
 Clopper-Pearson bound of (n - k + 1) / n with the stated confidence, without further assumptions (order
 statistics). `choose_thresholds` takes the largest threshold whose bound reaches the target. With few positives
 no threshold can promise the target (all n detected promise only (1 - confidence) ** (1 / n): 0.905 for 30
-cancers, 0.95 needs 59): the lowest positive score is taken, and the figures say what it promises.
+cancers, 0.95 needs 59). Then the threshold is the normal prediction bound of the positives' logits (the
+threshold a new positive falls below with probability 1 - target, were the logits normal: mean - t(target,
+n - 1) * sd * sqrt(1 + 1/n)), or the lowest positive score where that is lower: every positive seen is detected,
+and the figures say what that promises. The lowest score alone gives new cases about n / (n + 1) on average,
+0.93 for 13 cancers; docs/calibration.md compares the rules on two sites.
 
 >>> import numpy as np
 >>> y = np.array([0, 0, 1, 1, 0, 1])
 >>> p = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9])
->>> choose_thresholds(y, p)["high_sensitivity"]
-0.35
+>>> round(choose_thresholds(y, p)["high_sensitivity"], 3)       # 3 cancers: below the lowest, 0.35
+0.02
 >>> round(point_figures(y, p, choose_thresholds(y, p))["high_sensitivity"]["promised_sensitivity"], 3)
 0.368
 """
@@ -23,6 +27,7 @@ import warnings
 
 import numpy as np
 from scipy import stats
+from scipy.special import expit, logit
 from sklearn.metrics import roc_curve
 
 from .errors import SonocadWarning
@@ -73,8 +78,9 @@ def choose_thresholds(y, prob, target_sensitivity: float = TARGET_SENSITIVITY,
     Returns ``{"default": 0.5, "youden": t, "high_sensitivity": t}``: ``youden`` maximises sensitivity +
     specificity - 1 (largest such threshold on ties); ``high_sensitivity`` is the largest threshold whose
     sensitivity keeps ``target_sensitivity`` with ``confidence`` (see the module), or, when these data cannot
-    promise it, the lowest positive score. ``confidence=None`` drops the margin: the largest threshold whose
-    sensitivity on these data reaches the target (optimistic on new cases). nan without both classes."""
+    promise it, the normal prediction bound (`normal_bound`, at most the lowest positive score).
+    ``confidence=None`` drops the margin: the largest threshold whose sensitivity on these data reaches the
+    target (optimistic on new cases). nan without both classes."""
     y = np.asarray(y).astype(bool)
     p = np.asarray(prob, dtype=float)
     if not 0 < target_sensitivity <= 1:
@@ -92,8 +98,25 @@ def choose_thresholds(y, prob, target_sensitivity: float = TARGET_SENSITIVITY,
     detected = np.searchsorted(-scores, -scores, side="right")      # positives at or above each
     bounds = stats.beta.ppf(1 - confidence, detected, len(scores) - detected + 1)   # sensitivity_bound, vectorised
     ok = np.flatnonzero(bounds >= target_sensitivity - 1e-12)
-    out["high_sensitivity"] = float(scores[ok[0]] if len(ok) else scores[-1])
+    out["high_sensitivity"] = float(scores[ok[0]] if len(ok) else normal_bound(scores, target_sensitivity))
     return out
+
+
+def normal_bound(positive_probs, target: float = TARGET_SENSITIVITY) -> float:
+    """The probability below which a new positive falls with probability 1 - `target` were the positives'
+    logits normal (a one-sided prediction bound from their mean and sd, Student's t), or the lowest positive
+    probability where that is lower; the lowest one for fewer than 3 positives or a target of 1.
+
+    >>> round(normal_bound([0.6, 0.7, 0.8, 0.9, 0.95]), 3)
+    0.303
+    """
+    p = np.asarray(positive_probs, dtype=float)
+    lowest = float(p.min())
+    if len(p) < 3 or target >= 1:
+        return lowest
+    z = logit(np.clip(p, 1e-12, 1 - 1e-12))
+    bound = z.mean() - stats.t.ppf(target, len(z) - 1) * z.std(ddof=1) * math.sqrt(1 + 1 / len(z))
+    return min(lowest, float(expit(bound)))
 
 
 def point_figures(y, prob, thresholds: dict, target_sensitivity: float = TARGET_SENSITIVITY,
@@ -112,9 +135,10 @@ def point_figures(y, prob, thresholds: dict, target_sensitivity: float = TARGET_
                                        "specificity_ci", "n_pos", "n_neg")}
         if name == "high_sensitivity":
             promised = sensitivity_bound(int((p[y] >= t).sum()), int(y.sum()), confidence)
+            kept = bool(promised >= target_sensitivity - 1e-12)
             out[name].update(target_sensitivity=target_sensitivity, confidence=confidence,
-                             promised_sensitivity=promised,
-                             target_promised=bool(promised >= target_sensitivity - 1e-12),
+                             promised_sensitivity=promised, target_promised=kept,
+                             rule="clopper-pearson bound" if kept else "normal prediction bound",
                              positives_needed=positives_needed(target_sensitivity, confidence))
     return out
 
@@ -125,7 +149,7 @@ def promise_warning(figures: dict, data: str = "the choosing data") -> str | Non
     if not hs or hs["target_promised"]:
         return None
     return (f"{data}: only {hs['n_pos']} positive cases; the high-sensitivity point (threshold "
-            f"{hs['threshold']:.4f}, the lowest positive score) promises sensitivity >= "
+            f"{hs['threshold']:.4f}, at or below the lowest of them) promises sensitivity >= "
             f"{hs['promised_sensitivity']:.3f} with {hs['confidence']:.0%} confidence, not "
             f"{hs['target_sensitivity']:.2f}; {hs['positives_needed']} positives are needed for that")
 

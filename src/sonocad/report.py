@@ -199,8 +199,10 @@ def write_report(out: Path, metrics: dict, y: np.ndarray, probs: np.ndarray, inf
             sections.append(f"<h2>Operating points</h2><p>Thresholds were chosen on {chosen} and applied "
                             "unchanged here: default 0.5, Youden's J, and high sensitivity: the largest threshold "
                             "whose sensitivity on new cases is at least 0.95 with 95% confidence (one-sided "
-                            "Clopper-Pearson bound), or, where those data hold too few cancers for that, their "
-                            "lowest cancer's score; its promised sensitivity is the bound it reaches.</p>"
+                            "Clopper-Pearson bound), or, where those data hold too few cancers for that, the "
+                            "threshold a new cancer falls below with probability 0.05 were their logits normal "
+                            "(at most their lowest cancer's score); its promised sensitivity is the bound it "
+                            "reaches.</p>"
                             f"<table>{head}{body}</table>")
     else:
         figs.append(plot_confusion(metrics["confusion_matrix"], classes, plots / "confusion_matrix.png", "argmax"))
