@@ -62,7 +62,7 @@ RECIPES = {
 
 
 def _tail_logits(y, p) -> np.ndarray:
-    return logit(np.clip(p[y == 1], 1e-12, 1 - 1e-12))
+    return logit(np.clip(p[y == 1], 1e-7, 1 - 1e-7))           # as sonocad.operating.normal_bound
 
 
 def _kde_quantile(y, p) -> float:
@@ -73,7 +73,7 @@ def _kde_quantile(y, p) -> float:
         return float(p[y == 1].min())
     grid = np.linspace(z.min() - 4 * z.std() - 1, z.max(), 200)
     cdf = np.asarray([kde.integrate_box_1d(-np.inf, g) for g in grid])
-    return float(min(p[y == 1].min(), expit(grid[np.searchsorted(cdf, 1 - TARGET_SENSITIVITY)])))
+    return float(min(p[y == 1].min(), expit(np.interp(1 - TARGET_SENSITIVITY, cdf, grid))))
 
 
 def _normal_tolerance(y, p) -> float:
@@ -86,7 +86,7 @@ def _normal_tolerance(y, p) -> float:
 
 def _lowest_minus_gap(y, p) -> float:
     z = np.sort(_tail_logits(y, p))
-    return float(expit(z[0] - (z[1] - z[0]) if len(z) > 1 else z[0]))
+    return float(min(p[y == 1].min(), expit(z[0] - (z[1] - z[0]))) if len(z) > 1 else p[y == 1].min())
 
 
 # High-sensitivity rules compared in calibration, for local sets with fewer cancers than the 59 on which the
@@ -298,6 +298,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rules", nargs="+", choices=list(THRESHOLD_RULES), default=list(THRESHOLD_RULES))
     ap.add_argument("--work", default=str(ROOT / "runs" / "loso"))
     a = ap.parse_args(argv)
+    a.rules = list(dict.fromkeys(a.rules))
     t0 = time.perf_counter()
     res = learning(a) if a.experiment == "learning" else calibration(a)
     res["seconds"] = round(time.perf_counter() - t0)

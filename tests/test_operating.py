@@ -31,7 +31,12 @@ def test_many_positives_promise_the_target_few_do_not():
     few = point_figures(y[:320], p[:320], choose_thresholds(y[:320], p[:320]))["high_sensitivity"]  # 300 + 20
     lowest = p[:320][y[:320] == 1].min()
     assert not few["target_promised"] and few["threshold"] == normal_bound(p[300:320]) <= lowest
-    assert few["rule"] == "normal prediction bound" and fig["rule"] == "clopper-pearson bound"
+    # these 20 scores are left-skewed: the normal bound lies above the lowest, which is taken
+    assert few["threshold"] == lowest and few["rule"] == "lowest positive score" and fig["rule"] == "clopper-pearson bound"
+    spread = np.r_[np.zeros(4), np.ones(5)], np.r_[np.full(4, 0.1), 0.6, 0.7, 0.8, 0.9, 0.95]
+    assert point_figures(*spread, choose_thresholds(*spread))["high_sensitivity"]["rule"] == "normal prediction bound"
+    tight = np.r_[np.zeros(5), np.ones(5)], np.r_[np.full(5, 0.1), np.full(5, 0.8)]      # no spread: the lowest
+    assert point_figures(*tight, choose_thresholds(*tight))["high_sensitivity"]["rule"] == "lowest positive score"
     assert few["sensitivity"] == 1.0 and few["promised_sensitivity"] == pytest.approx(0.05 ** (1 / 20))
     line = promise_warning({"high_sensitivity": few}, "the local set")
     assert line.startswith("the local set: only 20 positive cases;") and "59 positives are needed" in line
@@ -68,6 +73,11 @@ def test_few_positives_normal_bound_gives_the_target_on_average_the_lowest_score
         lowest.append(stats.norm.sf(z.min()))
     assert np.mean(chosen) >= 0.945 and np.mean(lowest) < 0.935       # 0.95 and 0.929 in theory; sd 0.002
     assert normal_bound([0.2, 0.9]) == 0.2 and normal_bound([0.5, 0.6, 0.7], target=1.0) == 0.5
+    # Student's t with n - 1 degrees of freedom, sample sd, the new case's own spread: sqrt(1 + 1/n)
+    assert normal_bound([0.6, 0.7, 0.8, 0.9, 0.95]) == pytest.approx(0.30258, abs=1e-5)
+    assert normal_bound([0.7, 0.7, 0.7]) == 0.7                                    # no spread: the lowest
+    # a saturated float32 probability (1.0) counts as a logit of about 16, not 28
+    assert normal_bound([1.0] + [0.9] * 6 + [0.6] * 6) > 0.003               # 3e-5 at a logit of 28
 
 
 def test_one_class_gives_no_points():

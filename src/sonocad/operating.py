@@ -114,7 +114,7 @@ def normal_bound(positive_probs, target: float = TARGET_SENSITIVITY) -> float:
     lowest = float(p.min())
     if len(p) < 3 or target >= 1:
         return lowest
-    z = logit(np.clip(p, 1e-12, 1 - 1e-12))
+    z = logit(np.clip(p, 1e-7, 1 - 1e-7))      # float32 probabilities saturate near there: no 1.0 at logit 28
     bound = z.mean() - stats.t.ppf(target, len(z) - 1) * z.std(ddof=1) * math.sqrt(1 + 1 / len(z))
     return min(lowest, float(expit(bound)))
 
@@ -136,9 +136,10 @@ def point_figures(y, prob, thresholds: dict, target_sensitivity: float = TARGET_
         if name == "high_sensitivity":
             promised = sensitivity_bound(int((p[y] >= t).sum()), int(y.sum()), confidence)
             kept = bool(promised >= target_sensitivity - 1e-12)
+            rule = ("clopper-pearson bound" if kept else "lowest positive score" if t >= p[y].min()
+                    else "normal prediction bound")
             out[name].update(target_sensitivity=target_sensitivity, confidence=confidence,
-                             promised_sensitivity=promised, target_promised=kept,
-                             rule="clopper-pearson bound" if kept else "normal prediction bound",
+                             promised_sensitivity=promised, target_promised=kept, rule=rule,
                              positives_needed=positives_needed(target_sensitivity, confidence))
     return out
 
