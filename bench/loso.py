@@ -37,14 +37,14 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
-from scipy.special import expit, logit  # noqa: E402
+from scipy.special import expit  # noqa: E402
 from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
 
 from sonocad.config import TrainConfig  # noqa: E402
 from sonocad.data.split import group_ids  # noqa: E402
 from sonocad.infer import run_batches  # noqa: E402
 from sonocad.metrics import binary_metrics, delong_test, fit_temperature  # noqa: E402
-from sonocad.operating import TARGET_SENSITIVITY, choose_thresholds  # noqa: E402
+from sonocad.operating import TARGET_SENSITIVITY, choose_thresholds, to_logits  # noqa: E402
 from sonocad.predictor import Predictor  # noqa: E402
 from sonocad.prepare import decode_task, find_task  # noqa: E402
 from sonocad.train import fit  # noqa: E402
@@ -62,7 +62,7 @@ RECIPES = {
 
 
 def _tail_logits(y, p) -> np.ndarray:
-    return logit(np.clip(p[y == 1], 1e-7, 1 - 1e-7))           # as sonocad.operating.normal_bound
+    return to_logits(p[y == 1])
 
 
 def _kde_quantile(y, p) -> float:
@@ -264,12 +264,13 @@ def calibration(a) -> dict:
                 continue
             temp = fit_temperature(yp[idx], zp[idx])
             undrawn = ~np.isin(groups, groups[idx])        # the pool's images of patients (groups) not drawn
-            parts = {"selection": (yp[undrawn], zp[undrawn]), "test": (yt, zt),
-                     "rest": (np.r_[yp[undrawn], yt], np.r_[zp[undrawn], zt])}
+            pp, pt = expit(zp / temp), expit(zt / temp)     # calibrated probabilities, once per draw
+            parts = {"selection": (yp[undrawn], pp[undrawn]), "test": (yt, pt),
+                     "rest": (np.r_[yp[undrawn], yt], np.r_[pp[undrawn], pt])}
             for rule in a.rules:
-                t = THRESHOLD_RULES[rule](yp[idx], expit(zp[idx] / temp))
-                for part, (y, z) in parts.items():
-                    m = binary_metrics(y, expit(z / temp), threshold=t, ci=None)
+                t = THRESHOLD_RULES[rule](yp[idx], pp[idx])
+                for part, (y, prob) in parts.items():
+                    m = binary_metrics(y, prob, threshold=t, ci=None)
                     figures[rule][part].append((m["sensitivity"], m["specificity"]))
         out["local"][n] = {}
         for rule, by_part in figures.items():

@@ -102,6 +102,11 @@ def choose_thresholds(y, prob, target_sensitivity: float = TARGET_SENSITIVITY,
     return out
 
 
+def to_logits(prob) -> np.ndarray:
+    """Logits of probabilities, clipped where float32 probabilities saturate (a 1.0 counts as about 16, not 28)."""
+    return logit(np.clip(np.asarray(prob, dtype=float), 1e-7, 1 - 1e-7))
+
+
 def normal_bound(positive_probs, target: float = TARGET_SENSITIVITY) -> float:
     """The probability below which a new positive falls with probability 1 - `target` were the positives'
     logits normal (a one-sided prediction bound from their mean and sd, Student's t), or the lowest positive
@@ -114,7 +119,7 @@ def normal_bound(positive_probs, target: float = TARGET_SENSITIVITY) -> float:
     lowest = float(p.min())
     if len(p) < 3 or target >= 1:
         return lowest
-    z = logit(np.clip(p, 1e-7, 1 - 1e-7))      # float32 probabilities saturate near there: no 1.0 at logit 28
+    z = to_logits(p)
     bound = z.mean() - stats.t.ppf(target, len(z) - 1) * z.std(ddof=1) * math.sqrt(1 + 1 / len(z))
     return min(lowest, float(expit(bound)))
 
