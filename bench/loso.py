@@ -19,9 +19,15 @@ choice, and the other rules of THRESHOLD_RULES), then sensitivity and specificit
 three parts: the pool's patients not drawn (selection, where rules are compared), the test part, and both
 (the rest of the site); against the init run's own point.
 
+weight-averaging: WiSE-FT (Wortsman et al., 2022) on finished `learning` runs of the arm no-averaging: its
+fine-tuned weights averaged with the init's at the shares `--alphas` (how --keep-init was chosen: 0.5, now the
+default with --init), AUC on the three parts against the ImageNet arm.
+
     .venv/bin/python bench/loso.py learning busbra --init runs/busi --sizes 100 --seeds 0 1 2 \
         --arms imagenet ultrasound gentle head-only
     .venv/bin/python bench/loso.py calibration busbra --init runs/busi
+    .venv/bin/python bench/loso.py learning busbra --init runs/busi --sizes 100 --arms imagenet no-averaging
+    .venv/bin/python bench/loso.py weight-averaging busbra --init runs/busi --sizes 100
 """
 from __future__ import annotations
 
@@ -40,9 +46,10 @@ from scipy import stats  # noqa: E402
 from scipy.special import expit  # noqa: E402
 from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
 
-from sonocad.config import TrainConfig  # noqa: E402
+from sonocad.config import RunInfo, TrainConfig  # noqa: E402
 from sonocad.data.split import group_ids  # noqa: E402
-from sonocad.infer import run_batches  # noqa: E402
+from sonocad.infer import InputPipeline, resolve_precision, run_batches  # noqa: E402
+from sonocad.models import fold_batchnorm, trained_model  # noqa: E402
 from sonocad.metrics import binary_metrics, delong_test, fit_temperature  # noqa: E402
 from sonocad.operating import TARGET_SENSITIVITY, choose_thresholds, to_logits  # noqa: E402
 from sonocad.predictor import Predictor  # noqa: E402
@@ -55,9 +62,10 @@ CLASSES = ["benign", "malignant"]
 # starts from ImageNet weights, the others from --init.
 RECIPES = {
     "imagenet": {},
-    "ultrasound": {},                                          # the default recipe, from --init
-    "gentle": {"head_epochs": 0, "finetune_lr": 5e-5},         # the head kept as trained, phase 2 at 1/4 the rate
-    "head-only": {"unfreeze": "0"},                            # phase 1 only: the ultrasound backbone frozen
+    "ultrasound": {},                                          # the default recipe, from --init (--keep-init 0.5)
+    "no-averaging": {"keep_init": 0.0},                        # the fine-tuned weights alone (the default before)
+    "gentle": {"head_epochs": 0, "finetune_lr": 5e-5, "keep_init": 0.0},   # the head kept, phase 2 at 1/4 the rate
+    "head-only": {"unfreeze": "0", "keep_init": 0.0},          # phase 1 only: the ultrasound backbone frozen
 }
 
 
@@ -147,10 +155,14 @@ def write_manifest(rows: list[dict], path: Path) -> Path:
 PARTS = ("selection", "test", "rest")
 
 
+def _prediction_rows(run: Path) -> list[dict]:
+    with open(run / "predictions.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def scored(run: Path, parts: dict[str, set[str]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(labels, probabilities) of the run's test predictions, per part (a set of image paths)."""
-    with open(run / "predictions.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = _prediction_rows(run)
     out = {}
     for name, paths in parts.items():
         part = [r for r in rows if r["path"] in paths]
@@ -173,6 +185,15 @@ def compare(arms: list[dict], name: str, part: str) -> dict:
             "delong_p_per_seed": [x[name][part]["delong_p"] for x in arms], "seeds": len(arms)}
 
 
+def _finished_from(run: Path, init: str | None, model: str, recipe: dict) -> bool:
+    """Whether `run` is a finished arm of backbone `model` that started from `init` with `recipe`."""
+    if not (run / "run.json").is_file():
+        return False
+    have = RunInfo.load(run / "config.json").config
+    want = TrainConfig(init=init, model=model, **recipe).validate()
+    return all(getattr(have, k) == getattr(want, k) for k in ("init", "model", "keep_init", *recipe))
+
+
 def init_logits(predictor: Predictor, rows: list[dict]) -> np.ndarray:
     """The (first) model's logits for the rows' images, with the run's own test-time augmentation."""
     model, pipeline = predictor.members[0]
@@ -191,7 +212,8 @@ def learning(a) -> dict:
         y = np.asarray([r["label"] == "malignant" for r in rows], int)
         return float(binary_metrics(y, expit(np.asarray([alone[r["path"]] for r in rows])), ci=None)["auc"])
 
-    results = {"site": a.site, "init": a.init, "n_test": len(test), "recipes": {k: RECIPES[k] for k in a.arms},
+    results = {"site": a.site, "init": a.init, "model": a.model, "n_test": len(test),
+               "recipes": {k: RECIPES[k] for k in a.arms},
                "arms": []}
     for n in a.sizes:
         for seed in a.seeds:
@@ -208,9 +230,10 @@ def learning(a) -> dict:
             probs = {}
             for name in sorted(a.arms, key=lambda k: k != "imagenet"):     # ImageNet first: the others pair with it
                 out = work / f"n{n}-s{seed}" / name
-                if not (out / "run.json").is_file():     # an arm interrupted earlier is trained again
+                init = None if name == "imagenet" else a.init
+                if not _finished_from(out, init, a.model, RECIPES[name]):   # interrupted, or set otherwise: trained again
                     fit(str(local_csv), out, test_data=str(test_csv), progress=False, classes=CLASSES, seed=seed,
-                        init=None if name == "imagenet" else a.init, dedup=False, overwrite=out.exists(),
+                        init=init, dedup=False, overwrite=out.exists(), model=a.model,
                         **RECIPES[name])
                 seconds = json.loads((out / "metrics.json").read_text()).get("timing_seconds", {}).get("total")
                 probs[name] = scored(out, parts)
@@ -237,6 +260,63 @@ def learning(a) -> dict:
             summary.setdefault(str(n), {}).setdefault("init_alone", {})[part] = mean_sd(v)
             print(f"N={n} {part} part: the init model alone AUC {v.mean():.3f}", flush=True)
     results["summary"] = summary
+    return results
+
+
+def weight_averaging(a) -> dict:
+    """WiSE-FT on the `learning` runs in --work: each no-averaging arm's fine-tuned weights averaged with the init's
+    (share `alpha` of the init; 0 is the arm as trained, 1 the init alone); AUC on the three parts, each share
+    compared with the ImageNet arm as `learning` compares its arms."""
+    pool, test = target_split(a.site)
+    rows = pool + test
+    paths = np.asarray([r["path"] for r in rows])
+    y = np.asarray([r["label"] == "malignant" for r in rows], int)
+    images = Predictor.load(a.init).decode(list(paths))[0]
+    init_state = trained_model(a.init)[1].state_dict()
+    in_test = np.arange(len(rows)) >= len(pool)
+    results = {"site": a.site, "init": a.init, "alphas": a.alphas, "arms": []}
+    names = [f"share {alpha}" for alpha in a.alphas]
+    for n in a.sizes:
+        for seed in a.seeds:
+            run = Path(a.work) / f"learning-{a.site}" / f"n{n}-s{seed}"
+            if not _finished_from(run / "no-averaging", a.init, a.model, RECIPES["no-averaging"]):
+                raise SystemExit(f"{run / 'no-averaging'}: no finished no-averaging arm from {a.init}; run learning "
+                                 "with --arms imagenet no-averaging first")
+            with open(run / "local.csv", newline="") as f:
+                drawn = np.isin(paths, [r["path"] for r in csv.DictReader(f)])
+            masks = {"selection": ~drawn & ~in_test, "test": in_test, "rest": ~drawn}
+            imagenet = scored(run / "imagenet", {part: set(paths[m]) for part, m in masks.items()})
+            imagenet_order = [r["path"] for r in _prediction_rows(run / "imagenet")]
+            arm = {"n": n, "seed": seed, "imagenet": {part: {"auc": float(binary_metrics(*yp, ci=None)["auc"])}
+                                                      for part, yp in imagenet.items()}}
+            info, model = trained_model(run / "no-averaging")
+            tuned = {k: v.clone() for k, v in model.state_dict().items()}    # state_dict() shares the live tensors
+            pipeline = InputPipeline(info.mean, info.std, resolve_precision("auto"))
+            for alpha, name in zip(a.alphas, names):
+                model.load_state_dict({k: (1 - alpha) * v + alpha * init_state[k]
+                                       if v.is_floating_point() and k != "temperature" else v for k, v in tuned.items()})
+                prob = expit(run_batches(fold_batchnorm(model.eval()), images[~drawn], pipeline, tta=info.config.tta,
+                                         zooms=info.config.tta_zooms)[:, 0])
+                by_path = dict(zip(paths[~drawn], prob))
+                arm[name] = {}
+                for part, m in masks.items():
+                    # the ImageNet arm's order of images (its predictions.csv) for the paired DeLong test
+                    yi, pi = imagenet[part]
+                    order = [q for q in imagenet_order if q in set(paths[m])]
+                    pu = np.asarray([by_path[q] for q in order])
+                    arm[name][part] = {"auc": float(binary_metrics(yi, pu, ci=None)["auc"]),
+                                       "delong_p": float(delong_test(yi, pu, pi)["p_value"])}
+            print(json.dumps(arm), flush=True)
+            results["arms"].append(arm)
+    results["summary"] = {}
+    for n in a.sizes:
+        arms = [x for x in results["arms"] if x["n"] == n]
+        for name in names:
+            for part in PARTS:
+                c = results["summary"].setdefault(str(n), {}).setdefault(name, {})[part] = compare(arms, name, part)
+                print(f"N={n} {part} part, {name} of the init: AUC {c[name][0]:.4f} ± {c[name][1]:.4f} against ImageNet "
+                      f"init {c['imagenet'][0]:.4f} ± {c['imagenet'][1]:.4f}, difference {c['diff_mean']:+.4f} (per seed "
+                      f"{c['diff_per_seed']}; paired t p={c['paired_t_p']})", flush=True)
     return results
 
 
@@ -286,14 +366,20 @@ def calibration(a) -> dict:
     return out
 
 
+EXPERIMENTS = {"learning": learning, "calibration": calibration, "weight-averaging": weight_averaging}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("experiment", choices=["learning", "calibration"])
+    ap.add_argument("experiment", choices=list(EXPERIMENTS))
     ap.add_argument("site", choices=["busbra", "busi"], help="the target site")
     ap.add_argument("--init", required=True, help="a run trained on the other site")
     ap.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 200])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", choices=sorted(RECIPES), default=["imagenet", "ultrasound"])
+    ap.add_argument("--model", default=TrainConfig.model, help="the backbone of every arm (--init's must match)")
+    ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 1.0],
+                    help="weight-averaging: the init's shares")
     ap.add_argument("--local-sizes", type=int, nargs="+", default=[20, 40, 80])
     ap.add_argument("--draws", type=int, default=200)
     ap.add_argument("--rules", nargs="+", choices=list(THRESHOLD_RULES), default=list(THRESHOLD_RULES))
@@ -301,9 +387,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     a.rules = list(dict.fromkeys(a.rules))
     t0 = time.perf_counter()
-    res = learning(a) if a.experiment == "learning" else calibration(a)
+    res = EXPERIMENTS[a.experiment](a)
     res["seconds"] = round(time.perf_counter() - t0)
-    path = Path(a.work) / f"{a.experiment}-{a.site}-{'-'.join(map(str, a.sizes if a.experiment == 'learning' else a.local_sizes))}.json"
+    path = Path(a.work) / f"{a.experiment}-{a.site}-{'-'.join(map(str, a.local_sizes if a.experiment == 'calibration' else a.sizes))}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1, default=float))
     print(f"wrote {path} ({res['seconds']} s)")

@@ -50,7 +50,7 @@ def test_options_once_hidden_are_reachable():
     assert (cfg.weight_decay, cfg.hidden, cfg.cache_features, cfg.feature_views) == (0.001, 64, False, 2)
     assert cfg.pretrained is False and cfg.tta_zooms == [] and cfg.tta is True
     default = _config(sub.choices["train"].parse_args(["d"]))
-    assert default == TrainConfig()                    # options not given leave the recipe's preset
+    assert default == TrainConfig().validate()         # options not given leave the recipe's preset
     nb = _config(sub.choices["train"].parse_args(["d", "--recipe", "notebook", "--batch-size", "4"]))
     assert nb == TrainConfig.from_recipe("notebook", batch_size=4)
 

@@ -91,8 +91,31 @@ def test_init_starts_from_the_runs_weights(tiny_run):
         build_model(TrainConfig(init=str(tiny_run), model="resnet18"), 2, prec)
 
 
-def test_train_with_init_records_it(tiny_run, phantoms, tmp_path):
-    out = tmp_path / "ft"
-    assert main(["train", str(phantoms), "--out", str(out), "--init", str(tiny_run), "--img-size", "64",
-                 "--head-epochs", "1", "--finetune-epochs", "1", "--batch-size", "8", "--quiet"]) == 0
-    assert RunInfo.load(out / "config.json").config.init == str(tiny_run)
+def test_train_with_init_records_it_and_averages_with_the_init(tiny_run, phantoms, tmp_path):
+    from safetensors.torch import load_file
+
+    def fine_tune(name: str, *extra: str) -> dict:
+        out = tmp_path / name
+        assert main(["train", str(phantoms), "--out", str(out), "--init", str(tiny_run), "--img-size", "64",
+                     "--head-epochs", "1", "--finetune-epochs", "1", "--batch-size", "8", "--quiet", *extra]) == 0
+        return load_file(str(out / "model.safetensors"))
+
+    averaged, tuned = fine_tune("ft"), fine_tune("ft0", "--keep-init", "0")
+    init = load_file(str(tiny_run / "model.safetensors"))
+    cfg = RunInfo.load(tmp_path / "ft" / "config.json").config
+    assert cfg.init == str(tiny_run) and cfg.keep_init == 0.5            # the default with --init
+    moved = 0
+    for k, v in averaged.items():
+        if k.startswith(("backbone.", "head.")) and v.is_floating_point():
+            assert torch.allclose(v, (tuned[k] + init[k]) / 2, atol=1e-6), k
+            moved += not torch.equal(tuned[k], init[k])
+    assert moved > 10                                                   # fine-tuning changed them: a real average
+    assert TrainConfig().validate().keep_init == 0.0
+
+
+@pytest.mark.parametrize("options, match", [({"keep_init": 0.5}, "give --init"),
+                                             ({"keep_init": 1.0, "init": "run"}, r"\[0, 1\)"),
+                                             ({"keep_init": -0.1, "init": "run"}, r"\[0, 1\)")])
+def test_keep_init_refuses_impossible_values(options, match):
+    with pytest.raises(OptionError, match=match):
+        TrainConfig(**options).validate()

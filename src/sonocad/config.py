@@ -52,6 +52,9 @@ class TrainConfig:
                                  "packaged or hub weights", metavar="PATH")
     init: str | None = option(None, "start from a trained run's weights (a run directory, or a shipped model: "
                               "bus-base) instead of ImageNet's", metavar="RUN")
+    keep_init: float | None = option(None, "with --init: the final weights keep this share of the init's, averaged "
+                                     "with the fine-tuned ones (WiSE-FT); default 0.5 with --init, 0: the fine-tuned "
+                                     "weights alone", metavar="SHARE")
     img_size: int | None = option(None, "input size in px (default: the backbone's pretrained size)")
     resize: str = option("pad", "pad: keep the aspect ratio (letterbox); stretch: the notebook's square resize",
                          choices=("pad", "stretch"))
@@ -123,6 +126,12 @@ class TrainConfig:
             bad("recipe", f"unknown recipe {self.recipe!r}; known: {', '.join(RECIPES)}")
         if self.init is not None and self.weights is not None:
             bad("init", "starts from a trained run's weights; it cannot be combined with --weights")
+        if self.keep_init is None:
+            self.keep_init = DEFAULT_KEEP_INIT if self.init else 0.0
+        if not (isinstance(self.keep_init, (int, float)) and 0.0 <= self.keep_init < 1.0):
+            bad("keep_init", f"must be a share in [0, 1), not {self.keep_init!r}")
+        if self.keep_init and not self.init:
+            bad("keep_init", "averages the fine-tuned weights with the --init run's; give --init, or leave it out")
         if self.unfreeze != "all" and not (str(self.unfreeze).isdigit()):
             bad("unfreeze", f"must be a number of blocks or 'all', not {self.unfreeze!r}")
         self.unfreeze = str(self.unfreeze)
@@ -203,7 +212,10 @@ def _type_name(hint) -> str:
 
 
 # what runs saved before an option existed did, where that differs from the option's default now
-BEFORE_OPTION = {"tta_zooms": [], "ema_epochs": 0.0, "seg_weight": 0.0, "appearance": "standard"}
+BEFORE_OPTION = {"tta_zooms": [], "ema_epochs": 0.0, "seg_weight": 0.0, "appearance": "standard", "keep_init": 0.0}
+# the init's share of the final weights when fine-tuning from --init (docs/calibration.md: chosen on the selection
+# parts of leave-one-site-out, confirmed on new seeds)
+DEFAULT_KEEP_INIT = 0.5
 
 
 RECIPES: dict[str, dict[str, Any]] = {

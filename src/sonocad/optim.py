@@ -1,4 +1,5 @@
-"""Losses, optimisers, the phase-2 learning-rate schedule and the weights' moving average."""
+"""Losses, optimisers, the phase-2 learning-rate schedule, the weights' moving average and their average with
+the --init run's."""
 from __future__ import annotations
 
 import numpy as np
@@ -63,3 +64,18 @@ def warmup_cosine(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.
     return SequentialLR(opt, [ramp, cosine], milestones=[warmup])
 
 
+def init_snapshot(model: nn.Module, share: float) -> dict[str, torch.Tensor]:
+    """--keep-init: copies of the weights and BatchNorm statistics that came from --init (the state-dict prefixes
+    in `model.from_init`), to average back in after fine-tuning; empty when `share` is 0."""
+    parts = tuple(getattr(model, "from_init", ())) if share else ()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if parts and k.startswith(parts) and v.is_floating_point()}
+
+
+def average_with_init(model: nn.Module, init_state: dict[str, torch.Tensor], share: float) -> None:
+    """WiSE-FT (Wortsman et al., 2022): each weight of `init_state` becomes (1 - share) * fine-tuned + share * init;
+    the parts trained from scratch (a new head) stay as trained."""
+    if init_state:
+        state = model.state_dict()
+        model.load_state_dict({**state, **{k: torch.lerp(state[k], v.to(state[k].device), share)
+                                           for k, v in init_state.items()}})

@@ -36,16 +36,19 @@ def build_model(cfg: TrainConfig, n_classes: int, precision: Precision, classes:
 def init_model(cfg: TrainConfig, n_classes: int, classes: list[str] | None, mask_head: bool = False) -> Classifier:
     """A model to fine-tune from the trained run `cfg.init`: its backbone (BatchNorm statistics included), its
     head when it was trained on the same classes in the same order, its mask decoder when it has one;
-    temperature back to 1."""
+    temperature back to 1. `model.from_init` lists the state-dict prefixes that came from the init."""
     info, source = trained_model(cfg.init)
     if info.config.model != cfg.model:
         raise OptionError("init", f"{cfg.init} is a {info.config.model} model; train it with --model "
                           f"{info.config.model}, not {cfg.model}")
     model = Classifier(source.backbone, 1 if n_classes == 2 else n_classes, cfg.hidden, cfg.dropout, mask_head)
+    model.from_init = ["backbone."]       # the parts holding the init's weights (Trainer averages them back in)
     if classes is not None and info.classes == list(classes) and info.config.hidden == cfg.hidden:
         model.head.load_state_dict(source.head.state_dict())
+        model.from_init.append("head.")
     if mask_head and source.mask_head is not None:
         model.mask_head.load_state_dict(source.mask_head.state_dict())
+        model.from_init.append("mask_head.")
     differ = [f"{k} {getattr(info.config, k)!r}" for k in ("resize", "clean_overlays")
               if getattr(info.config, k) != getattr(cfg, k)]
     if differ:

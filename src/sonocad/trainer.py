@@ -30,7 +30,7 @@ from .maskhead import mask_loss
 from .io import atomic_path, atomic_write_text
 from .metrics import binary_metrics, multiclass_metrics
 from .models import Classifier, fold_batchnorm, freeze_batchnorm, save_model, set_trainable
-from .optim import make_loss, make_optimizer, warmup_cosine, weight_average
+from .optim import average_with_init, init_snapshot, make_loss, make_optimizer, warmup_cosine, weight_average
 from .data.cache import DiskImages
 from .prepare import Split, offline_augment
 
@@ -55,10 +55,7 @@ class EarlyStopping:
         """Record an epoch; True when this epoch is the best so far. The state kept is the best epoch's,
         or with `keep_last` this epoch's whatever its loss."""
         improved = val_loss < self.best - 1e-6
-        if improved:
-            self.best, self.bad_epochs = val_loss, 0
-        else:
-            self.bad_epochs += 1
+        self.best, self.bad_epochs = (val_loss, 0) if improved else (self.best, self.bad_epochs + 1)
         if improved or keep_last:
             self.state = copy.deepcopy(model.state_dict())
         return improved
@@ -141,6 +138,7 @@ class Trainer:
         self._pending: dict | None = None     # optimiser/scheduler state to restore on resume
         self.seconds = {"head": 0.0, "finetune": 0.0}
         self.ema: AveragedModel | None = None   # phase 2's moving average of the weights
+        self.init_state = init_snapshot(model, cfg.keep_init)    # taken before a resume restores any weights
         if resume:
             self._restore()
 
@@ -200,6 +198,7 @@ class Trainer:
             self._checkpoint()
         if self.stopper.state is not None:   # else no epoch ran: the initial model is the result
             self.model.load_state_dict(self.stopper.state)
+        average_with_init(self.model, self.init_state, self.cfg.keep_init)
         if dist.is_main():
             save_model(self.model, self.out / "model.safetensors")
         return self.model.eval()
