@@ -289,11 +289,13 @@ def weight_averaging(a) -> dict:
             imagenet_order = [r["path"] for r in _prediction_rows(run / "imagenet")]
             arm = {"n": n, "seed": seed, "imagenet": {part: {"auc": float(binary_metrics(*yp, ci=None)["auc"])}
                                                       for part, yp in imagenet.items()}}
+            precision = resolve_precision("auto")
             info, model = trained_model(run / "no-averaging")
+            model = model.to(precision.device)
             tuned = {k: v.clone() for k, v in model.state_dict().items()}    # state_dict() shares the live tensors
-            pipeline = InputPipeline(info.mean, info.std, resolve_precision("auto"))
+            pipeline = InputPipeline(info.mean, info.std, precision)
             for alpha, name in zip(a.alphas, names):
-                model.load_state_dict({k: (1 - alpha) * v + alpha * init_state[k]
+                model.load_state_dict({k: (1 - alpha) * v + alpha * init_state[k].to(v.device)
                                        if v.is_floating_point() and k != "temperature" else v for k, v in tuned.items()})
                 prob = expit(run_batches(fold_batchnorm(model.eval()), images[~drawn], pipeline, tta=info.config.tta,
                                          zooms=info.config.tta_zooms)[:, 0])

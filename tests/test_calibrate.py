@@ -115,7 +115,8 @@ def test_train_with_init_records_it_and_averages_with_the_init(tiny_run, phantom
 
 @pytest.mark.parametrize("options, match", [({"keep_init": 0.5}, "give --init"),
                                              ({"keep_init": 1.0, "init": "run"}, r"\[0, 1\)"),
-                                             ({"keep_init": -0.1, "init": "run"}, r"\[0, 1\)")])
+                                             ({"keep_init": -0.1, "init": "run"}, r"\[0, 1\)"),
+                                             ({"keep_init": True, "init": "run"}, r"\[0, 1\)")])
 def test_keep_init_refuses_impossible_values(options, match):
     with pytest.raises(OptionError, match=match):
         TrainConfig(**options).validate()

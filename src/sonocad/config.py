@@ -128,8 +128,10 @@ class TrainConfig:
             bad("init", "starts from a trained run's weights; it cannot be combined with --weights")
         if self.keep_init is None:
             self.keep_init = DEFAULT_KEEP_INIT if self.init else 0.0
-        if not (isinstance(self.keep_init, (int, float)) and 0.0 <= self.keep_init < 1.0):
+        share = self.keep_init
+        if isinstance(share, bool) or not (isinstance(share, (int, float)) and 0 <= share < 1):
             bad("keep_init", f"must be a share in [0, 1), not {self.keep_init!r}")
+        self.keep_init = float(self.keep_init)
         if self.keep_init and not self.init:
             bad("keep_init", "averages the fine-tuned weights with the --init run's; give --init, or leave it out")
         if self.unfreeze != "all" and not (str(self.unfreeze).isdigit()):

@@ -136,7 +136,8 @@ def _resume_config(out: Path, cfg: TrainConfig | None, overrides: dict) -> Train
     read_checkpoint(out / "checkpoints" / "last.pt")   # fail now, not after decoding the data
     info = RunInfo.load(out / "config.json")
     stored = info.config
-    given = cfg.to_dict() if cfg is not None else {k: v for k, v in overrides.items() if v is not None}
+    # None is "automatic" (img_size, keep_init ...): whatever the run resolved it to agrees with it
+    given = {k: v for k, v in (cfg.to_dict() if cfg is not None else overrides).items() if v is not None}
     # what the run resolved its automatic settings to counts as its setting
     effective = {**stored.to_dict(), "img_size": info.img_size, "positive": info.positive}
     if stored.classes is None and isinstance(given.get("classes"), list) and sorted(given["classes"]) == sorted(info.classes):
