@@ -51,6 +51,7 @@ from sonocad.data.split import group_ids  # noqa: E402
 from sonocad.infer import InputPipeline, resolve_precision, run_batches  # noqa: E402
 from sonocad.models import fold_batchnorm, trained_model  # noqa: E402
 from sonocad.metrics import binary_metrics, delong_test, fit_temperature  # noqa: E402
+from sonocad.optim import average_with_init  # noqa: E402
 from sonocad.operating import TARGET_SENSITIVITY, choose_thresholds, to_logits  # noqa: E402
 from sonocad.predictor import Predictor  # noqa: E402
 from sonocad.prepare import decode_task, find_task  # noqa: E402
@@ -274,6 +275,7 @@ def weight_averaging(a) -> dict:
     images = Predictor.load(a.init).decode(list(paths))[0]
     init_state = trained_model(a.init)[1].state_dict()
     in_test = np.arange(len(rows)) >= len(pool)
+    precision = resolve_precision("auto")
     results = {"site": a.site, "init": a.init, "alphas": a.alphas, "arms": []}
     names = [f"share {alpha}" for alpha in a.alphas]
     for n in a.sizes:
@@ -284,27 +286,28 @@ def weight_averaging(a) -> dict:
                                  "with --arms imagenet no-averaging first")
             with open(run / "local.csv", newline="") as f:
                 drawn = np.isin(paths, [r["path"] for r in csv.DictReader(f)])
-            masks = {"selection": ~drawn & ~in_test, "test": in_test, "rest": ~drawn}
-            imagenet = scored(run / "imagenet", {part: set(paths[m]) for part, m in masks.items()})
-            imagenet_order = [r["path"] for r in _prediction_rows(run / "imagenet")]
+            part_paths = {part: set(paths[m]) for part, m in {"selection": ~drawn & ~in_test, "test": in_test,
+                                                               "rest": ~drawn}.items()}
+            imagenet = scored(run / "imagenet", part_paths)
+            # each part in the ImageNet arm's order of images (its predictions.csv), for the paired DeLong test
+            orders = {part: [r["path"] for r in _prediction_rows(run / "imagenet") if r["path"] in keep]
+                      for part, keep in part_paths.items()}
             arm = {"n": n, "seed": seed, "imagenet": {part: {"auc": float(binary_metrics(*yp, ci=None)["auc"])}
                                                       for part, yp in imagenet.items()}}
-            precision = resolve_precision("auto")
             info, model = trained_model(run / "no-averaging")
             model = model.to(precision.device)
             tuned = {k: v.clone() for k, v in model.state_dict().items()}    # state_dict() shares the live tensors
+            from_init = {k: init_state[k] for k, v in tuned.items() if v.is_floating_point() and k != "temperature"}
             pipeline = InputPipeline(info.mean, info.std, precision)
             for alpha, name in zip(a.alphas, names):
-                model.load_state_dict({k: (1 - alpha) * v + alpha * init_state[k].to(v.device)
-                                       if v.is_floating_point() and k != "temperature" else v for k, v in tuned.items()})
+                model.load_state_dict(tuned)
+                average_with_init(model, from_init, alpha)      # as `sonocad train --init RUN --keep-init alpha` ends
                 prob = expit(run_batches(fold_batchnorm(model.eval()), images[~drawn], pipeline, tta=info.config.tta,
                                          zooms=info.config.tta_zooms)[:, 0])
                 by_path = dict(zip(paths[~drawn], prob))
                 arm[name] = {}
-                for part, m in masks.items():
-                    # the ImageNet arm's order of images (its predictions.csv) for the paired DeLong test
+                for part, order in orders.items():
                     yi, pi = imagenet[part]
-                    order = [q for q in imagenet_order if q in set(paths[m])]
                     pu = np.asarray([by_path[q] for q in order])
                     arm[name][part] = {"auc": float(binary_metrics(yi, pu, ci=None)["auc"]),
                                        "delong_p": float(delong_test(yi, pu, pi)["p_value"])}
