@@ -15,7 +15,7 @@ from sonocad.data import discover
 from sonocad.data.augment import augment_batch
 from sonocad.data.images import from_square, load_mask, to_square
 from sonocad.errors import SonocadError
-from sonocad.maskhead import MaskDecoder, dice_scores, mask_loss
+from sonocad.maskhead import MaskDecoder, bilinear_by_matmul, dice_scores, mask_loss
 from sonocad.models import create_model
 from sonocad.prepare import decode_masks
 
@@ -37,6 +37,20 @@ def test_mask_loss_counts_only_images_with_known_masks():
     target[:, 8:24, 8:24] = 1
     right = torch.where(torch.nn.functional.avg_pool2d(target[None], 4) > 0.5, 8.0, -8.0)
     assert mask_loss(right, target, torch.tensor([True])) < 0.1 < mask_loss(-right, target, torch.tensor([True]))
+
+
+@pytest.mark.parametrize("shape, size", [((7, 7), (224, 224)), ((14, 14), (28, 28)), ((10, 13), (4, 29)),
+                                         ((5, 9), (5, 9))])
+def test_bilinear_by_matmul_is_pytorchs_bilinear_resize(shape, size):
+    # the CUDA path of maskhead.resize_bilinear (deterministic backward): the same resize as F.interpolate,
+    # values and gradients, upsampling and downsampling
+    x = torch.randn(3, 2, *shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    weights = torch.randn(3, 2, *size, generator=torch.Generator().manual_seed(1))
+    ours = bilinear_by_matmul(x, size)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), x)
+    theirs = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    (grad_theirs,) = torch.autograd.grad((theirs * weights).sum(), x)
+    assert torch.allclose(ours, theirs, atol=1e-5) and torch.allclose(grad_ours, grad_theirs, atol=1e-4)
 
 
 def test_dice_scores():

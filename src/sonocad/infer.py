@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,8 @@ def resolve_precision(precision: str = "auto", device: str | None = None) -> Pre
     """auto: bf16 autocast + channels_last on bf16-capable CPUs, fp32 on other CPUs; bf16 (or fp16
     where bf16 is unsupported) on CUDA."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        deterministic_cuda()
     if precision == "fp32":
         return Precision(dev, None, dev.type == "cuda")
     if dev.type == "cuda":
@@ -55,6 +58,17 @@ def resolve_precision(precision: str = "auto", device: str | None = None) -> Pre
     if precision == "fp16":
         return Precision(dev, torch.float16, True)
     return Precision(dev, torch.bfloat16, True)
+
+
+def deterministic_cuda() -> None:
+    """The same seed gives the same numbers on a GPU too, as it does on the CPU: deterministic cuDNN and cuBLAS
+    kernels, and a warning naming any operation that has none (the mask decoder avoids the one it used,
+    `maskhead.resize_bilinear`). Process-wide, like torch's own flags; cuBLAS's setting takes effect only if no
+    matrix product ran on the GPU before."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 class InputPipeline:

@@ -27,8 +27,39 @@ class MaskDecoder(nn.Module):
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         y = self.lateral[-1](feats[-1])
         for lateral, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
-            y = F.interpolate(y, size=f.shape[-2:], mode="bilinear", align_corners=False) + lateral(f)
+            y = resize_bilinear(y, f.shape[-2:]) + lateral(f)
         return self.out(self.smooth(y))
+
+
+def resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:
+    """`F.interpolate(x, size, mode="bilinear", align_corners=False)` for (N, C, H, W), with a deterministic
+    backward on CUDA: PyTorch's CUDA backward of that resize adds with atomics, so two trainings with the same
+    seed differed; there it runs as two matrix products instead (the same weights, other rounding). Elsewhere
+    it is `F.interpolate` itself, so CPU results are unchanged."""
+    if x.device.type != "cuda":
+        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return bilinear_by_matmul(x, size)
+
+
+def bilinear_by_matmul(x: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize (align_corners=False, no antialiasing, as `F.interpolate`) as rows @ x @ columns."""
+    rows = _bilinear_weights(x.shape[-2], int(size[0])).to(x.device, x.dtype)
+    cols = _bilinear_weights(x.shape[-1], int(size[1])).to(x.device, x.dtype)
+    with torch.autocast(x.device.type, enabled=False):     # in x's own dtype, as F.interpolate runs
+        return rows @ x @ cols.T
+
+
+def _bilinear_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) matrix of PyTorch's bilinear weights along one axis (half-pixel centres, clamped at 0)."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    lo = src.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    frac = src - lo
+    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    weights.index_put_((rows, lo), 1 - frac, accumulate=True)
+    weights.index_put_((rows, hi), frac, accumulate=True)
+    return weights.float()
 
 
 def mask_loss(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -36,7 +67,7 @@ def mask_loss(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor) ->
     `logits` (N, 1, h, w) are upsampled to the masks' size (N, H, W)."""
     if not bool(known.any()):
         return logits.sum() * 0.0       # keeps the graph (and DDP's gradient bookkeeping) whole
-    logits = F.interpolate(logits[known].float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    logits = resize_bilinear(logits[known].float(), masks.shape[-2:])[:, 0]
     target = masks[known].float()
     bce = F.binary_cross_entropy_with_logits(logits, target)
     p = torch.sigmoid(logits)

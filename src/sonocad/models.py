@@ -11,12 +11,11 @@ from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import RunInfo
 from .errors import OptionError, SonocadError
-from .maskhead import MaskDecoder
+from .maskhead import MaskDecoder, resize_bilinear
 from .rundir import read_finished
 from .zoo import resolve
 
@@ -63,7 +62,7 @@ class Classifier(nn.Module):
     def mask_probability(self, x: torch.Tensor) -> torch.Tensor:
         """P(lesion) of every pixel, (N, H, W) at the input's size."""
         feats = self.backbone.forward_intermediates(x, indices=self.mask_levels, intermediates_only=True)
-        logits = F.interpolate(self.mask_head(feats).float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        logits = resize_bilinear(self.mask_head(feats).float(), x.shape[-2:])
         return torch.sigmoid(logits[:, 0])
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
