@@ -374,6 +374,22 @@ def calibration(a) -> dict:
 EXPERIMENTS = {"learning": learning, "calibration": calibration, "weight-averaging": weight_averaging}
 
 
+def results_path(a) -> Path:
+    """WORK/EXPERIMENT-SITE-SIZES-sSEEDS[-aALPHAS].json (calibration: -dDRAWS for the seeds, which it does not use);
+    a finished results file is never overwritten (a rerun with the same settings gets -2, -3, ...)."""
+    if a.experiment == "calibration":
+        name = f"{a.experiment}-{a.site}-{'-'.join(map(str, a.local_sizes))}-d{a.draws}"
+    else:
+        name = f"{a.experiment}-{a.site}-{'-'.join(map(str, a.sizes))}-s{'-'.join(map(str, a.seeds))}"
+    if a.experiment == "weight-averaging":
+        name += f"-a{'-'.join(f'{x:g}' for x in a.alphas)}"
+    path, n = Path(a.work) / f"{name}.json", 1
+    while path.exists():
+        n += 1
+        path = Path(a.work) / f"{name}-{n}.json"
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("experiment", choices=list(EXPERIMENTS))
@@ -394,7 +410,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     res = EXPERIMENTS[a.experiment](a)
     res["seconds"] = round(time.perf_counter() - t0)
-    path = Path(a.work) / f"{a.experiment}-{a.site}-{'-'.join(map(str, a.local_sizes if a.experiment == 'calibration' else a.sizes))}.json"
+    path = results_path(a)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1, default=float))
     print(f"wrote {path} ({res['seconds']} s)")

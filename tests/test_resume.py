@@ -34,8 +34,8 @@ def full_run(phantoms, tmp_path_factory):
     return full
 
 
-def _interrupt(phantoms, run, sig, epochs_done):
-    p = _train(phantoms, run, "--out", str(run), *ARGS)
+def _interrupt(phantoms, run, sig, epochs_done, args=ARGS):
+    p = _train(phantoms, run, "--out", str(run), *args)
     log = run / "log.csv"
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None:
@@ -71,6 +71,22 @@ def test_sigint_stops_cleanly_and_resumes(phantoms, full_run, tmp_path):
     err = p.stderr.read().strip()
     assert p.returncode == 130 and len(err.splitlines()) == 1 and "--resume" in err, err
     _resume_and_compare(phantoms, run, full_run)
+
+
+@pytest.mark.slow
+def test_killed_init_run_resumes_and_averages_once(phantoms, tiny_run, tmp_path):
+    # a fine-tuning from --init ends by averaging with the init's weights (--keep-init 0.5); killed mid phase 2
+    # and resumed, it must average exactly once, from the init's own weights: the uninterrupted run's weights
+    args = ["--init", str(tiny_run), "--img-size", "64", "--head-epochs", "2", "--finetune-epochs", "6",
+            "--batch-size", "8", "--patience", "10", "--seed", "1", "--quiet"]
+    full, run = tmp_path / "full", tmp_path / "killed"
+    p = _train(phantoms, full, "--out", str(full), *args)
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    _interrupt(phantoms, run, signal.SIGKILL, epochs_done=4, args=args)
+    r = _train(phantoms, run, "--resume", str(run))
+    assert r.wait(timeout=300) == 0, r.stderr.read()
+    assert (run / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
+    assert _metrics(run) == _metrics(full)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
