@@ -66,7 +66,7 @@ def test_threshold_spread_narrows_with_more_cases():
 
 
 def test_init_starts_from_the_runs_weights(tiny_run):
-    prec = resolve_precision("fp32")
+    prec = resolve_precision("fp32", "cpu")     # the saved weights are on the CPU
     info = RunInfo.load(tiny_run / "config.json")
     cfg = TrainConfig(init=str(tiny_run), img_size=64).validate()
     from safetensors.torch import load_file

@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 def _join(rank: int, world: int, port: int) -> None:
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")   # gloo on the CPU, also on a GPU machine
     torch.set_num_threads(1)
     from sonocad import dist
 
@@ -55,7 +55,7 @@ def _one_step(rank: int, world: int, port: int, out: str) -> None:
                       finetune_lr=1.0)
     torch.manual_seed(0)
     model = create_model("tf_efficientnet_lite0", 1, pretrained=False, dropout=0.0)
-    prec = resolve_precision("fp32")
+    prec = resolve_precision("fp32", "cpu")      # gloo ranks on the CPU, also on a GPU machine
     trainer = Trainer(model, train, val, 2, cfg, prec, InputPipeline([0.5] * 3, [0.5] * 3, prec), out, progress=False)
     trainer.phase, trainer.epoch = "finetune", 0
     trainer.run()

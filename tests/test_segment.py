@@ -106,7 +106,7 @@ def test_decoder_learns_lesion_masks(phantoms):
     images = np.stack([np.asarray(Image.open(s.path).convert("L").resize((64, 64))) for s in samples])
     masks = np.stack([load_mask(s.masks, s.path, 64) for s in samples])
     model = create_model("tf_efficientnet_lite0", 1, mask_head=True).eval()
-    pipe = InputPipeline([0.5] * 3, [0.5] * 3, resolve_precision("fp32"))
+    pipe = InputPipeline([0.5] * 3, [0.5] * 3, resolve_precision("fp32", "cpu"))     # the model is on the CPU
     x, m = pipe.with_masks(images, masks)
     known = torch.ones(len(images), dtype=torch.bool)
 

@@ -63,6 +63,11 @@ def _launch(a) -> None:
 
     if not 1 <= a.devices <= 1024:
         raise OptionError("devices", f"must be between 1 and 1024, not {a.devices}")
+    import torch
+
+    if torch.cuda.is_available() and a.devices > torch.cuda.device_count():
+        raise OptionError("devices", f"{a.devices} processes but {torch.cuda.device_count()} GPU(s) here; on a GPU "
+                          "machine each process trains on a GPU of its own")
     argv, skip = [], False
     for arg in a.argv:
         if skip or arg == "--devices":

@@ -11,6 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .errors import SonocadError
+
 
 def launched() -> bool:
     """True in a process that torchrun started as one of several."""
@@ -21,7 +23,11 @@ def init() -> None:
     """Join the process group torchrun describes (once); on CUDA each rank takes the GPU of its local rank."""
     if launched() and not dist.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local >= gpus:
+                raise SonocadError(f"process {local} of this machine has no GPU of its own ({gpus} here): start at "
+                                   f"most {gpus} per machine (--devices / --nproc-per-node)")
+            torch.cuda.set_device(local)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 

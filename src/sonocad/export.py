@@ -104,7 +104,7 @@ def _quantize(path: Path, predictor: Predictor, calibration, n: int) -> None:
     picked = [samples[i].path for i in sorted(rng.choice(len(samples), min(n, len(samples)), replace=False))]
     images = predictor.decode(picked, skip_bad=True)[0]
     pipeline = predictor.members[0][1]
-    batches = [{"image": pipeline(images[i:i + 8]).numpy()} for i in range(0, len(images), 8)]
+    batches = [{"image": pipeline(images[i:i + 8]).cpu().numpy()} for i in range(0, len(images), 8)]
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -148,7 +148,7 @@ class OnnxModel(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {"image": x.float().contiguous().numpy()})[0])
+        return torch.from_numpy(self.session.run(None, {"image": x.float().cpu().contiguous().numpy()})[0])
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return probabilities(logits, self.temperature, self.num_outputs)
@@ -169,4 +169,5 @@ def load_onnx(path: str | Path) -> Predictor:
         raise SonocadError(f"{path}: an ONNX file sonocad did not export (no {METADATA_KEY} metadata)")
     info = RunInfo.loads(props[METADATA_KEY].encode(), path)
     model = OnnxModel(path, info.classes, info.temperature)
-    return Predictor(info, [(model, InputPipeline(info.mean, info.std, resolve_precision("fp32")))])
+    # ONNX Runtime runs on the CPU here (CPUExecutionProvider): its inputs are prepared there, also on a GPU machine
+    return Predictor(info, [(model, InputPipeline(info.mean, info.std, resolve_precision("fp32", "cpu")))])

@@ -30,6 +30,24 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16 training (small gradients underflow in fp16); a pass-through otherwise."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def rng_state(self) -> dict:
+        """torch's global generators that training draws from (dropout): the CPU's, and on CUDA the GPU's."""
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def set_rng_state(self, state) -> None:
+        """Restore `rng_state()` (or the CPU generator's state alone, as checkpoints before kept it)."""
+        state = {"cpu": state} if isinstance(state, torch.Tensor) else state
+        torch.set_rng_state(state["cpu"])
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
 
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with native bf16 arithmetic (AVX-512 BF16 or AMX), where bf16 autocast pays off."""
@@ -69,6 +87,9 @@ def deterministic_cuda() -> None:
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # fp32 means fp32: TF32 convolutions and products (on by default for cuDNN) would round to 10-bit mantissas
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 class InputPipeline:

@@ -27,9 +27,22 @@ class _Fp32Loss(nn.Module):
         self.loss, self.binary = loss, binary
 
     def forward(self, logits, y):
+        self.loss.to(logits.device)         # class weights follow the logits (CPU validation, GPU training)
         if self.binary:
             return self.loss(logits[:, 0].float(), y.float())
         return self.loss(logits.float(), y.long())
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, scaler: torch.amp.GradScaler, sched=None) -> float:
+    """One optimisation step on a batch's loss, through `scaler` (loss scaling in fp16, a pass-through
+    otherwise); `sched` steps too when given (phase 2 schedules per batch, phase 1 per epoch). Returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    if sched is not None:
+        sched.step()
+    return loss.item()
 
 
 def make_optimizer(params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:

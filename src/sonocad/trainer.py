@@ -30,7 +30,8 @@ from .maskhead import mask_loss
 from .io import atomic_path, atomic_write_text
 from .metrics import binary_metrics, multiclass_metrics
 from .models import Classifier, fold_batchnorm, freeze_batchnorm, save_model, set_trainable
-from .optim import average_with_init, init_snapshot, make_loss, make_optimizer, warmup_cosine, weight_average
+from .optim import (average_with_init, init_snapshot, make_loss, make_optimizer, optimizer_step, warmup_cosine,
+                    weight_average)
 from .data.cache import DiskImages
 from .prepare import Split, offline_augment
 
@@ -139,6 +140,7 @@ class Trainer:
         self.seconds = {"head": 0.0, "finetune": 0.0}
         self.ema: AveragedModel | None = None   # phase 2's moving average of the weights
         self.init_state = init_snapshot(model, cfg.keep_init)    # taken before a resume restores any weights
+        self.scaler = precision.grad_scaler()
         if resume:
             self._restore()
 
@@ -152,7 +154,7 @@ class Trainer:
             "optimizer": opt.state_dict() if opt else {}, "scheduler": sched.state_dict() if sched else {},
             "best_state": {k: v for k, v in (self.stopper.state or {}).items() if keep(k)},
             "best": self.stopper.best, "bad_epochs": self.stopper.bad_epochs,
-            "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "gen": self.gen.get_state(), "torch_rng": self.precision.rng_state(), "scaler": self.scaler.state_dict(),
             "log": json.dumps(self.log), "seconds": json.dumps(self.seconds),
         }
         if self.ema is not None:
@@ -173,7 +175,9 @@ class Trainer:
         self.stopper.state = {**initial, **state["best_state"]} if state["best_state"] else None
         self.stopper.best, self.stopper.bad_epochs = float(state["best"]), int(state["bad_epochs"])
         self.gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
+        self.precision.set_rng_state(state["torch_rng"])
+        if state.get("scaler"):             # fp16 training's loss scale (checkpoints before it have none)
+            self.scaler.load_state_dict(state["scaler"])
         self.log = json.loads(state["log"])
         self.seconds = json.loads(state["seconds"])
         self._pending = {"optimizer": state["optimizer"], "scheduler": state["scheduler"], "ema": state.get("ema")}
@@ -294,7 +298,7 @@ class Trainer:
                     x = self.pipeline(self.train.images[idx], aug)
                     with self.precision.autocast():
                         logits = net(x)
-                losses.append(self._step(opt, self._loss(logits, y[idx])))
+                losses.append(optimizer_step(opt, self._loss(logits, y[idx]), self.scaler))
             lr = opt.param_groups[0]["lr"]
             sched.step()
             head.eval()
@@ -343,7 +347,7 @@ class Trainer:
             for idx, images, masks in tqdm(read_batches(self.train, batches, with_masks), total=len(batches),
                                            leave=False, disable=not self.progress, unit="batch"):
                 loss = self._batch_loss(net, images, masks, self.train.known, idx, y[idx], aug)
-                losses.append(self._step(opt, loss, sched))
+                losses.append(optimizer_step(opt, loss, self.scaler, sched))
                 if self.ema is not None:
                     self.ema.update_parameters(model)
             model.eval()
@@ -366,15 +370,6 @@ class Trainer:
             logits, mask_logits = net(x)
         known = torch.from_numpy(known[idx]).to(masks.device)
         return self._loss(logits, y) + self.cfg.seg_weight * mask_loss(mask_logits, masks, known)
-
-    def _step(self, opt, loss: torch.Tensor, sched=None) -> float:
-        """One optimisation step on a batch's loss; returns it."""
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if sched is not None:   # phase 2 schedules per batch, phase 1 per epoch
-            sched.step()
-        return loss.item()
 
     def _end_epoch(self, losses, val_logits, lr, t0, bar, opt, sched, scored: nn.Module | None = None) -> None:
         # every rank validates the same weights on the same images; rank 0's figures decide, so all agree
