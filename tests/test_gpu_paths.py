@@ -43,6 +43,8 @@ def test_fp16_trains_through_a_loss_scaler():
     assert optimizer_step(opt, loss, scaler) == pytest.approx(0.75)
     assert torch.equal(weight.detach(), torch.tensor([0.5, 0.75]))
     assert scaler.get_scale() == 2.0 ** 16
+    optimizer_step(opt, (weight * torch.tensor([float("inf"), 1.0])).sum(), scaler)    # overflow: step skipped
+    assert torch.equal(weight.detach(), torch.tensor([0.5, 0.75])) and scaler.get_scale() == 2.0 ** 15
 
 
 def test_more_processes_than_gpus_is_a_clear_error(monkeypatch, capsys):
@@ -61,7 +63,8 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch, capsys):
     assert "--devices" in err and "GPU" in err
 
 
-def test_deterministic_cuda_settings():
+def test_deterministic_cuda_settings(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)      # set by the call; gone after the test
     flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
              torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled())

@@ -34,32 +34,28 @@ class MaskDecoder(nn.Module):
 def resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:
     """`F.interpolate(x, size, mode="bilinear", align_corners=False)` for (N, C, H, W), with a deterministic
     backward on CUDA: PyTorch's CUDA backward of that resize adds with atomics, so two trainings with the same
-    seed differed; there it runs as two matrix products instead (the same weights, other rounding). Elsewhere
-    it is `F.interpolate` itself, so CPU results are unchanged."""
+    seed differed; there it runs as two fp32 matrix products instead (the same weights, other rounding).
+    Elsewhere it is `F.interpolate` itself, so CPU results are unchanged."""
     if x.device.type != "cuda":
         return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
     return bilinear_by_matmul(x, size)
 
 
 def bilinear_by_matmul(x: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear resize (align_corners=False, no antialiasing, as `F.interpolate`) as rows @ x @ columns."""
-    rows = _bilinear_weights(x.shape[-2], int(size[0])).to(x.device, x.dtype)
-    cols = _bilinear_weights(x.shape[-1], int(size[1])).to(x.device, x.dtype)
-    with torch.autocast(x.device.type, enabled=False):     # in x's own dtype, as F.interpolate runs
-        return rows @ x @ cols.T
+    """Bilinear resize (align_corners=False, no antialiasing, as `F.interpolate`) as rows @ x @ columns, in fp32
+    (returned in x's dtype)."""
+    rows = _bilinear_weights(x.shape[-2], int(size[0]), x.device)
+    cols = _bilinear_weights(x.shape[-1], int(size[1]), x.device)
+    with torch.autocast(x.device.type, enabled=False):     # autocast would round the products to bf16
+        return (rows @ x.float() @ cols.T).to(x.dtype)
 
 
-def _bilinear_weights(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_out, n_in) matrix of PyTorch's bilinear weights along one axis (half-pixel centres, clamped at 0)."""
-    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
-    lo = src.floor().long().clamp(max=n_in - 1)
-    hi = (lo + 1).clamp(max=n_in - 1)
-    frac = src - lo
-    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
-    rows = torch.arange(n_out)
-    weights.index_put_((rows, lo), 1 - frac, accumulate=True)
-    weights.index_put_((rows, hi), frac, accumulate=True)
-    return weights.float()
+def _bilinear_weights(n_in: int, n_out: int, device) -> torch.Tensor:
+    """(n_out, n_in) fp32 matrix of PyTorch's bilinear weights along one axis (half-pixel centres, clamped to the
+    edges): a tent around each output's source position. Built on `device`, so no host-to-GPU copy waits."""
+    src = ((torch.arange(n_out, dtype=torch.float64, device=device) + 0.5) * (n_in / n_out) - 0.5).clamp(0, n_in - 1)
+    taps = torch.arange(n_in, dtype=torch.float64, device=device)
+    return (1 - (src[:, None] - taps).abs()).clamp(min=0).float()
 
 
 def mask_loss(logits: torch.Tensor, masks: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
