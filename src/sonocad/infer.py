@@ -86,7 +86,8 @@ def deterministic_cuda() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if not torch.are_deterministic_algorithms_enabled():     # a caller's strict setting (errors) stays
+        torch.use_deterministic_algorithms(True, warn_only=True)
     # fp32 means fp32: TF32 convolutions and products (on by default for cuDNN) would round to 10-bit mantissas
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
