@@ -161,9 +161,9 @@ def _prediction_rows(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def scored(run: Path, parts: dict[str, set[str]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(labels, probabilities) of the run's test predictions, per part (a set of image paths)."""
-    rows = _prediction_rows(run)
+def scored(rows: list[dict], parts: dict[str, set[str]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(labels, probabilities) of a run's test predictions (`_prediction_rows`), per part (a set of image paths),
+    in the rows' order."""
     out = {}
     for name, paths in parts.items():
         part = [r for r in rows if r["path"] in paths]
@@ -237,7 +237,7 @@ def learning(a) -> dict:
                         init=init, dedup=False, overwrite=out.exists(), model=a.model,
                         **RECIPES[name])
                 seconds = json.loads((out / "metrics.json").read_text()).get("timing_seconds", {}).get("total")
-                probs[name] = scored(out, parts)
+                probs[name] = scored(_prediction_rows(out), parts)
                 arm[name] = {"seconds": seconds}
                 for part, (y, p) in probs[name].items():
                     arm[name][part] = {"auc": float(binary_metrics(y, p, ci=None)["auc"])}
@@ -288,9 +288,10 @@ def weight_averaging(a) -> dict:
                 drawn = np.isin(paths, [r["path"] for r in csv.DictReader(f)])
             part_paths = {part: set(paths[m]) for part, m in {"selection": ~drawn & ~in_test, "test": in_test,
                                                                "rest": ~drawn}.items()}
-            imagenet = scored(run / "imagenet", part_paths)
-            # each part in the ImageNet arm's order of images (its predictions.csv), for the paired DeLong test
-            orders = {part: [r["path"] for r in _prediction_rows(run / "imagenet") if r["path"] in keep]
+            rows_imagenet = _prediction_rows(run / "imagenet")
+            imagenet = scored(rows_imagenet, part_paths)
+            # each part in the ImageNet arm's order of images, as `scored` gives it, for the paired DeLong test
+            orders = {part: [r["path"] for r in rows_imagenet if r["path"] in keep]
                       for part, keep in part_paths.items()}
             arm = {"n": n, "seed": seed, "imagenet": {part: {"auc": float(binary_metrics(*yp, ci=None)["auc"])}
                                                       for part, yp in imagenet.items()}}

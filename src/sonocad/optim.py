@@ -80,9 +80,11 @@ def warmup_cosine(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.
 def init_snapshot(model: nn.Module, share: float) -> dict[str, torch.Tensor]:
     """--keep-init: copies of the weights and BatchNorm statistics that came from --init (the state-dict prefixes
     in `model.from_init`), to average back in after fine-tuning; empty when `share` is 0."""
-    parts = tuple(getattr(model, "from_init", ())) if share else ()
+    parts = tuple(getattr(model, "from_init", ()))
+    if not (share and parts):
+        return {}
     return {k: v.detach().clone() for k, v in model.state_dict().items()
-            if parts and k.startswith(parts) and v.is_floating_point()}
+            if k.startswith(parts) and v.is_floating_point()}
 
 
 def average_with_init(model: nn.Module, init_state: dict[str, torch.Tensor], share: float) -> None:

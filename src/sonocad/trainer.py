@@ -56,7 +56,10 @@ class EarlyStopping:
         """Record an epoch; True when this epoch is the best so far. The state kept is the best epoch's,
         or with `keep_last` this epoch's whatever its loss."""
         improved = val_loss < self.best - 1e-6
-        self.best, self.bad_epochs = (val_loss, 0) if improved else (self.best, self.bad_epochs + 1)
+        if improved:
+            self.best, self.bad_epochs = val_loss, 0
+        else:
+            self.bad_epochs += 1
         if improved or keep_last:
             self.state = copy.deepcopy(model.state_dict())
         return improved
