@@ -39,7 +39,7 @@ def write_set(folder: Path, n: int, size: int) -> None:
 
 
 def child(data: str, out: str, cache: str) -> None:
-    from sonocad.train import fit
+    from sonocad.workflows.train import fit
 
     t0 = time.perf_counter()
     m = fit(data, out, image_cache=cache, head_epochs=1, finetune_epochs=1, seed=0, dedup=False, progress=False,

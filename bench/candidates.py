@@ -78,8 +78,8 @@ def train(overrides: dict, seed: int, out: Path, fold: int) -> tuple[Path, dict,
     """(run, its held-out metrics, training seconds), trained once and reused. With `other_fold`, the training
     data are BUSI and BUS-BRA's other official fold (so the run depends on the evaluation fold)."""
     from sonocad.config import TrainConfig
-    from sonocad.rundir import kind
-    from sonocad.train import fit
+    from sonocad.io.rundir import kind
+    from sonocad.workflows.train import fit
 
     overrides = dict(overrides)
     data = [str(BUSI), str(fold_manifest(3 - fold, out))] if overrides.pop("other_fold", False) else BUSI
@@ -104,7 +104,7 @@ def busi_auc(run: Path, metrics: dict) -> float:
 
 
 def evaluate(run: Path, fold: int, options: dict, out: Path) -> tuple[dict, Path]:
-    from sonocad.evaluate import evaluate_run
+    from sonocad.workflows.evaluate import evaluate_run
 
     where = out / f"{run.name}-fold{fold}{'-adabn' if options.get('adapt_bn') else ''}"
     if (where / "run.json").is_file():
@@ -157,7 +157,7 @@ def _paired_over_seeds(mine: dict[int, float], ref: dict[int, float]) -> tuple[f
 
 
 def summarize(rows: list[dict], reference: str) -> None:
-    from sonocad.metrics import delong_test
+    from sonocad.evaluation.metrics import delong_test
 
     def fmt(v):
         v = [x for x in v if x is not None]
@@ -195,7 +195,7 @@ def summarize_pooled(rows: list[dict], reference: str) -> None:
     """Folds 1 and 2 together (all of BUS-BRA's development part, as `sonocad evaluate RUN BUSBRA` sees it): each
     seed's AUC with its DeLong CI, the mean over seeds, the paired t-test against the reference, and each seed
     against the readers' BI-RADS on the same images (paired DeLong)."""
-    from sonocad.metrics import delong_auc_ci, delong_test
+    from sonocad.evaluation.metrics import delong_auc_ci, delong_test
 
     birads = {str(BUSBRA / "Images" / f"{r['ID']}.png"): float(r["BIRADS"])
               for r in csv.DictReader(open(BUSBRA / "bus_data.csv"))}

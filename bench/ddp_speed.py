@@ -28,12 +28,12 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def _worker(rank: int, world: int, port: int, a: dict, out: str) -> None:
-    from sonocad import dist
     from sonocad.config import TrainConfig
-    from sonocad.infer import InputPipeline, resolve_precision
-    from sonocad.models import create_model
-    from sonocad.prepare import Split
-    from sonocad.trainer import Trainer
+    from sonocad.models.classifier import create_model
+    from sonocad.models.infer import InputPipeline, resolve_precision
+    from sonocad.runtime import dist
+    from sonocad.training.prepare import Split
+    from sonocad.training.trainer import Trainer
 
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

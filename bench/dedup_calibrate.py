@@ -23,12 +23,22 @@ sys.path.insert(0, str(ROOT / "src"))   # run from a checkout without installing
 
 from sonocad.data.discover import discover, read_busbra  # noqa: E402
 from sonocad.data.images import load_gray  # noqa: E402
-from sonocad.dedup import (DEFAULT, PLANT_KINDS, DedupSettings, Features, candidate_pairs,  # noqa: E402
-                           compute_features, group_features, link, match_scores, phash_similarity,
-                           plant_copy, summarize)
+from sonocad.dedup import (  # noqa: E402
+    DEFAULT,
+    PLANT_KINDS,
+    DedupSettings,
+    Features,
+    candidate_pairs,
+    compute_features,
+    group_features,
+    link,
+    match_scores,
+    phash_similarity,
+    plant_copy,
+    summarize,
+)
 from sonocad.errors import SonocadError  # noqa: E402
-from sonocad.io import atomic_write_text  # noqa: E402
-
+from sonocad.io.files import atomic_write_text  # noqa: E402
 
 # bus_0056-l and bus_0091-l are one frame with other calipers and text (checked by eye), so BUS-BRA
 # cases 56 and 91 count as one patient: that pair is a duplicate, not a negative.

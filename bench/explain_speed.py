@@ -1,7 +1,7 @@
 """What heatmaps cost: `sonocad predict` on a folder of 100 scans, alone and with `--heatmaps DIR`.
 
 The target (issue: heatmaps cost at most one extra forward pass per image) is `predict --heatmaps` at most
-1.5x `predict` alone. Both run through `sonocad.evaluate.predict_paths` on the same files (BUSI PNGs, or
+1.5x `predict` alone. Both run through `sonocad.workflows.evaluate.predict_paths` on the same files (BUSI PNGs, or
 synthetic phantoms without ../shared), each timed after a warm-up; the machine is named in the output.
 
     .venv/bin/python bench/explain_speed.py runs/busi
@@ -22,8 +22,8 @@ from predict_folder import write_folder  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))   # run from a checkout without installing
 
-from sonocad.allocator import tune_allocator  # noqa: E402
-from sonocad.evaluate import predict_paths  # noqa: E402
+from sonocad.runtime.allocator import tune_allocator  # noqa: E402
+from sonocad.workflows.evaluate import predict_paths  # noqa: E402
 
 
 def cpu_name() -> str:

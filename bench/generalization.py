@@ -38,8 +38,8 @@ EXPERIMENTS: dict[str, dict] = {
 
 def run(name: str, overrides: dict, out: Path, seed: int) -> dict:
     from sonocad.config import TrainConfig
-    from sonocad.evaluate import evaluate_run
-    from sonocad.train import fit
+    from sonocad.workflows.evaluate import evaluate_run
+    from sonocad.workflows.train import fit
 
     cfg = TrainConfig.from_recipe("default", classes=["benign", "malignant"], seed=seed, **overrides)
     run_dir = out / name

@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT / "src"))   # run from a checkout without installing
 
 from sonocad.data import discover, load_many  # noqa: E402
 from sonocad.errors import SonocadError  # noqa: E402
-from sonocad.infer import InputPipeline, resolve_precision, run_batches  # noqa: E402
-from sonocad.metrics import delong_auc_ci  # noqa: E402
-from sonocad.models import create_model, fold_batchnorm, input_config  # noqa: E402
+from sonocad.evaluation.metrics import delong_auc_ci  # noqa: E402
+from sonocad.models.classifier import create_model, fold_batchnorm, input_config  # noqa: E402
+from sonocad.models.infer import InputPipeline, resolve_precision, run_batches  # noqa: E402
 
 
 def probe(features: np.ndarray, y: np.ndarray, groups: list, shuffles: int = 3) -> list[np.ndarray]:

@@ -14,7 +14,7 @@ from the ImageNet arm and a paired DeLong test per seed. Recipes are compared on
 selection part (BUS-BRA: the rest of fold 1); the one chosen is confirmed once on the test part (fold 2).
 
 calibration: the init model alone on the target site; local sets of 20, 40, 80 cases drawn from the pool
-(`--draws` times each): temperature and high-sensitivity threshold chosen on the local set (sonocad.calibrate's
+(`--draws` times each): temperature and high-sensitivity threshold chosen on the local set (sonocad.workflows.calibrate's
 choice, and the other rules of THRESHOLD_RULES), then sensitivity and specificity at that threshold on the same
 three parts: the pool's patients not drawn (selection, where rules are compared), the test part, and both
 (the rest of the site); against the init run's own point.
@@ -48,14 +48,14 @@ from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
 
 from sonocad.config import RunInfo, TrainConfig  # noqa: E402
 from sonocad.data.split import group_ids  # noqa: E402
-from sonocad.infer import InputPipeline, resolve_precision, run_batches  # noqa: E402
-from sonocad.models import fold_batchnorm, trained_model  # noqa: E402
-from sonocad.metrics import binary_metrics, delong_test, fit_temperature  # noqa: E402
-from sonocad.optim import average_with_init  # noqa: E402
-from sonocad.operating import TARGET_SENSITIVITY, choose_thresholds, to_logits  # noqa: E402
-from sonocad.predictor import Predictor  # noqa: E402
-from sonocad.prepare import decode_task, find_task  # noqa: E402
-from sonocad.train import fit  # noqa: E402
+from sonocad.deploy.predictor import Predictor  # noqa: E402
+from sonocad.evaluation.metrics import binary_metrics, delong_test, fit_temperature  # noqa: E402
+from sonocad.evaluation.operating import TARGET_SENSITIVITY, choose_thresholds, to_logits  # noqa: E402
+from sonocad.models.classifier import fold_batchnorm, trained_model  # noqa: E402
+from sonocad.models.infer import InputPipeline, resolve_precision, run_batches  # noqa: E402
+from sonocad.training.optim import average_with_init  # noqa: E402
+from sonocad.training.prepare import decode_task, find_task  # noqa: E402
+from sonocad.workflows.train import fit  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 CLASSES = ["benign", "malignant"]
@@ -100,7 +100,7 @@ def _lowest_minus_gap(y, p) -> float:
 
 # High-sensitivity rules compared in calibration, for local sets with fewer cancers than the 59 on which the
 # Clopper-Pearson bound promises 0.95 (every draw here): each maps the local labels and calibrated probabilities
-# to a threshold at or below the lowest local cancer's score. "sonocad" is sonocad.operating's choice.
+# to a threshold at or below the lowest local cancer's score. "sonocad" is sonocad.evaluation.operating's choice.
 THRESHOLD_RULES = {
     "sonocad": lambda y, p: choose_thresholds(y, p)["high_sensitivity"],   # normal prediction bound (logits)
     "lowest": lambda y, p: float(p[y == 1].min()),                        # sonocad's rule before: n/(n+1) on average

@@ -12,7 +12,7 @@ Without it the script says so and times the two sonocad recipes only.
 
 What one "epoch" is here, for all three: one pass of training over the same --images images (batch 8
 for the notebook and `--recipe notebook`, 32 for the default recipe), then a prediction over the same
---val validation images. sonocad's figure is one phase-2 epoch of sonocad.trainer.Trainer (top 2 blocks
+--val validation images. sonocad's figure is one phase-2 epoch of sonocad.training.trainer.Trainer (top 2 blocks
 unfrozen; on-the-fly augmentation in the default recipe, none in the notebook recipe), as log.csv
 records it. The notebook recipe's 7 offline copies are switched off here so that every recipe sees the
 same images; with them its real epochs are 8x as long. Each is timed after a short untimed warm-up
@@ -49,9 +49,9 @@ def keras_worker(npz: str, result: str, batch_size: int, dropout: float) -> None
     """The notebook's model for one timed epoch: InceptionV3 (weights=None) + GAP -> Dense 256 relu ->
     Dropout -> Dense 1 sigmoid; top 2 inception blocks (mixed9, mixed10) trainable; Adagrad; BCE."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
     import numpy as np
     import tensorflow as tf
-    import keras
     from keras import layers
 
     d = np.load(npz)
@@ -124,11 +124,11 @@ def sonocad_epoch(recipe: str, paths_train, y, paths_val, yv, tmp: Path, **overr
     sys.path.insert(0, str(ROOT / "src"))
     from sonocad.config import TrainConfig
     from sonocad.data import load_many
-    from sonocad.infer import InputPipeline, resolve_precision
-    from sonocad.models import input_config
-    from sonocad.prepare import Split
-    from sonocad.starting import build_model
-    from sonocad.trainer import Trainer
+    from sonocad.models.classifier import input_config
+    from sonocad.models.infer import InputPipeline, resolve_precision
+    from sonocad.training.prepare import Split
+    from sonocad.training.starting import build_model
+    from sonocad.training.trainer import Trainer
 
     cfg = TrainConfig.from_recipe(recipe, head_epochs=0, finetune_epochs=1, patience=10 ** 6, offline_augment=0,
                                   **overrides)

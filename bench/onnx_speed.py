@@ -1,7 +1,7 @@
 """ONNX Runtime against PyTorch on 2 cores: single-view throughput, one scan with six views and a heatmap, and
 the int8 model's AUC against fp32 on the run's own test part.
 
-Exports the run to fp32 and int8 ONNX files in a temporary folder (`sonocad.export.export_onnx`), then times
+Exports the run to fp32 and int8 ONNX files in a temporary folder (`sonocad.deploy.export.export_onnx`), then times
 batches of 32 images at the run's input size (BUSI PNGs, or phantoms without ../shared): PyTorch as `predict`
 runs it (BatchNorm folded, bf16 autocast on CPUs with native bf16), ONNX Runtime fp32 and int8, one view each.
 
@@ -23,11 +23,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import numpy as np  # noqa: E402
 
-from sonocad.evaluate import load  # noqa: E402
-from sonocad.explain import explained_views  # noqa: E402
-from sonocad.export import export_onnx  # noqa: E402
-from sonocad.infer import run_batches  # noqa: E402
-from sonocad.metrics import delong_auc_ci  # noqa: E402
+from sonocad.analysis.explain import explained_views  # noqa: E402
+from sonocad.deploy.export import export_onnx  # noqa: E402
+from sonocad.evaluation.metrics import delong_auc_ci  # noqa: E402
+from sonocad.models.infer import run_batches  # noqa: E402
+from sonocad.workflows.evaluate import load  # noqa: E402
 
 
 def best(fn, repeats: int) -> float:

@@ -1,7 +1,7 @@
 """Is `sonocad predict` on a folder of images limited by the model or by reading the images?
 
 Writes N images (BUSI benign + malignant PNGs copied, cycled, under new names; synthetic phantoms without
-../shared) into a temporary folder, then times `sonocad.evaluate.predict_paths` on it end to end, and
+../shared) into a temporary folder, then times `sonocad.workflows.evaluate.predict_paths` on it end to end, and
 separately its two parts on the same files: decoding + resizing + overlay removal (`load_many`), and the
 model (`Predictor.predict`, with the run's test-time augmentation). Prints images/s for each and the
 share of the wall time the model takes.
@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))   # run from a checkout without installing
 
 from sonocad.data import discover, load_many  # noqa: E402
-from sonocad.errors import SonocadError  # noqa: E402
-from sonocad.allocator import tune_allocator  # noqa: E402
 from sonocad.data.discover import image_files  # noqa: E402
-from sonocad.evaluate import predict_paths  # noqa: E402
-from sonocad.predictor import load_predictor  # noqa: E402
+from sonocad.deploy.predictor import load_predictor  # noqa: E402
+from sonocad.errors import SonocadError  # noqa: E402
+from sonocad.runtime.allocator import tune_allocator  # noqa: E402
+from sonocad.workflows.evaluate import predict_paths  # noqa: E402
 
 BUSI = ROOT.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
 

@@ -32,8 +32,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import httpx
 
-    from sonocad.allocator import tune_allocator
-    from sonocad.serve import create_app, serve_in_background
+    from sonocad.runtime.allocator import tune_allocator
+    from sonocad.serve.app import create_app, serve_in_background
 
     tune_allocator()
     url, server = serve_in_background(create_app(a.run))

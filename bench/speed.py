@@ -21,10 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cpumeter import CpuMeter  # noqa: E402  (bench/ is on sys.path when a script runs)
-
 import numpy as np
 import torch
+from cpumeter import CpuMeter  # noqa: E402  (bench/ is on sys.path when a script runs)
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,13 +31,13 @@ sys.path.insert(0, str(ROOT / "src"))   # run from a checkout without installing
 
 from sonocad.config import TrainConfig  # noqa: E402
 from sonocad.data import discover, load_many  # noqa: E402
-from sonocad.allocator import tune_allocator  # noqa: E402
-from sonocad.infer import InputPipeline, cpu_has_fast_bf16, resolve_precision, run_batches  # noqa: E402
-from sonocad.models import fold_batchnorm, freeze_batchnorm, input_config, set_trainable  # noqa: E402
-from sonocad.prepare import Split  # noqa: E402
-from sonocad.optim import make_loss, make_optimizer, weight_average  # noqa: E402
-from sonocad.starting import build_model  # noqa: E402
-from sonocad.trainer import Trainer  # noqa: E402
+from sonocad.models.classifier import fold_batchnorm, freeze_batchnorm, input_config, set_trainable  # noqa: E402
+from sonocad.models.infer import InputPipeline, cpu_has_fast_bf16, resolve_precision, run_batches  # noqa: E402
+from sonocad.runtime.allocator import tune_allocator  # noqa: E402
+from sonocad.training.optim import make_loss, make_optimizer, weight_average  # noqa: E402
+from sonocad.training.prepare import Split  # noqa: E402
+from sonocad.training.starting import build_model  # noqa: E402
+from sonocad.training.trainer import Trainer  # noqa: E402
 
 BUSI = ROOT.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
 CLASSES = ["benign", "malignant"]
@@ -309,8 +308,8 @@ def plain_infer(model, images, y, args):
 
 # -- AUC parity (opt-in) ---------------------------------------------------------------------------
 def auc_parity(data: Path, args) -> dict:
-    """The default recipe trained twice with sonocad.train.fit, bf16 and fp32, same seed and split."""
-    from sonocad.train import fit
+    """The default recipe trained twice with sonocad.workflows.train.fit, bf16 and fp32, same seed and split."""
+    from sonocad.workflows.train import fit
 
     over = {}
     if args.auc_img_size:
@@ -357,7 +356,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tune-allocator", action="store_true",
-                   help="leave glibc's allocator as it is for sonocad too (see sonocad.allocator.tune_allocator)")
+                   help="leave glibc's allocator as it is for sonocad too (see sonocad.runtime.allocator.tune_allocator)")
     p.add_argument("--json", metavar="OUT", help="also write all figures as JSON")
     p.add_argument("--auc", action="store_true", help="also train the default recipe in bf16 and fp32 on "
                    "the same split and compare test AUCs (long)")
@@ -460,7 +459,7 @@ def main(argv=None) -> int:
                           "train_best": best_train, "infer_best": best_infer}}
     if args.auc:
         print()
-        print("AUC parity: default recipe, bf16 vs fp32, same seed and split (sonocad.train.fit) ...", flush=True)
+        print("AUC parity: default recipe, bf16 vs fp32, same seed and split (sonocad.workflows.train.fit) ...", flush=True)
         with tempfile.TemporaryDirectory(prefix="sonocad-auc-data-") as d:
             result["auc"] = auc_parity(dataset_dir(Path(d))[0], args)
         a = result["auc"]

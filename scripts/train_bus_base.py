@@ -24,14 +24,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load, save  # noqa: E402
 
-from sonocad import rundir  # noqa: E402
+from sonocad.analysis.segment import has_mask_head, predict_masks, segmentation_metrics, true_masks  # noqa: E402
 from sonocad.config import RunInfo  # noqa: E402
-from sonocad.io import atomic_write_bytes, atomic_write_text  # noqa: E402
-from sonocad.predictor import Predictor  # noqa: E402
-from sonocad.prepare import find_task  # noqa: E402
-from sonocad.results import score_predictions  # noqa: E402
-from sonocad.segment import has_mask_head, predict_masks, segmentation_metrics, true_masks  # noqa: E402
-from sonocad.train import fit  # noqa: E402
+from sonocad.deploy.predictor import Predictor  # noqa: E402
+from sonocad.evaluation.results import score_predictions  # noqa: E402
+from sonocad.io import rundir  # noqa: E402
+from sonocad.io.files import atomic_write_bytes, atomic_write_text  # noqa: E402
+from sonocad.training.prepare import find_task  # noqa: E402
+from sonocad.workflows.train import fit  # noqa: E402
 
 NAME = "bus-base"
 SITES = {"BUSI": "busi/Dataset_BUSI_with_GT", "BUS-BRA": "busbra/BUSBRA"}

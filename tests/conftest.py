@@ -17,7 +17,7 @@ BUSBRA = SHARED / "busbra" / "BUSBRA"
 
 def one_line_error(capsys, argv) -> str:
     """Run the CLI with `argv`: it must fail with exit code 2 and one line on stderr, which is returned."""
-    from sonocad.cli import main
+    from sonocad.cli.main import main
 
     rc = main(argv)
     err = capsys.readouterr().err.strip()
@@ -43,7 +43,7 @@ def phantoms(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(phantoms, tmp_path_factory) -> Path:
     """A tiny trained run (64 px, a couple of epochs) shared by evaluate/predict tests."""
-    from sonocad.cli import main
+    from sonocad.cli.main import main
 
     run = tmp_path_factory.mktemp("run") / "tiny"
     rc = main(["train", str(phantoms), "--out", str(run), "--img-size", "64", "--head-epochs", "3",
@@ -57,7 +57,7 @@ def demo_run(tmp_path_factory):
     """The demo's recipe on 240 phantoms of 128 px (about 30 s on 2 cores): (run, data). Standard appearance, as
     `make demo`: the phantoms' class cues are fine margins that the scanner augmentation's resolution loss
     blurs at 128 px (test AUC 0.88 with it, docs/generalization.md)."""
-    from sonocad.train import fit
+    from sonocad.workflows.train import fit
 
     root = tmp_path_factory.mktemp("demo")
     write_phantom_set(root / "demo", n=240, seed=0, size=128)

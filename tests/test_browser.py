@@ -9,7 +9,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def server(tiny_run):
-    from sonocad.serve import create_app, serve_in_background
+    from sonocad.serve.app import create_app, serve_in_background
 
     url, srv = serve_in_background(create_app(tiny_run))
     yield url

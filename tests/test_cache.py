@@ -54,7 +54,7 @@ def test_bad_images_in_the_cache(small_set, tmp_path):
 
 def test_training_from_the_disk_cache_reads_a_batch_at_a_time(tmp_path, monkeypatch):
     """Images on disk are never read all at once, and the run equals the in-memory one."""
-    from sonocad.train import fit
+    from sonocad.workflows.train import fit
 
     write_phantom_set(tmp_path / "data", n=40, seed=2, size=64)
     monkeypatch.setenv("SONOCAD_CACHE", str(tmp_path / "cache"))

@@ -4,16 +4,16 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import one_line_error
-from sonocad.calibrate import calibrate_run, threshold_spread
-from sonocad.cli import main
+
+from sonocad.cli.main import main
 from sonocad.config import RunInfo, TrainConfig
+from sonocad.deploy.predictor import Predictor
 from sonocad.errors import OptionError
-from sonocad.infer import resolve_precision
-from sonocad.predictor import Predictor
-from sonocad.rundir import kind
-from sonocad.starting import build_model
+from sonocad.io.rundir import kind
+from sonocad.models.infer import resolve_precision
+from sonocad.training.starting import build_model
+from sonocad.workflows.calibrate import calibrate_run, threshold_spread
 
 
 def test_calibrated_run_rescales_probabilities_and_chooses_points_on_the_local_set(tiny_run, phantoms, tmp_path, capsys):

@@ -4,10 +4,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import one_line_error as _err
 from PIL import Image
 
-from conftest import one_line_error as _err
-from sonocad.cli import main
+from sonocad.cli.main import main
 
 
 def _dataset(root, n=4, size=48):
@@ -114,7 +114,7 @@ def test_predict_on_folders(tiny_run, tmp_path, capsys):
 def test_summary_prints_parameters(capsys):
     import json
 
-    from sonocad.models import create_model, set_trainable
+    from sonocad.models.classifier import create_model, set_trainable
 
     model = create_model("tf_efficientnet_lite0", 1, pretrained=False)
     total = sum(p.numel() for p in model.parameters())

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sonocad.cli import main
-from sonocad.cv import fold_indices, fold_operating_points
+from sonocad.cli.main import main
 from sonocad.data.synth import write_phantom_set
+from sonocad.workflows.cv import fold_indices, fold_operating_points
 
 
 def test_fold_indices_keep_groups_and_strata():
@@ -102,8 +102,8 @@ def test_cv_keeps_planted_copies_in_one_fold(planted, tmp_path, capsys):
     assert ens["auc"] == pytest.approx(m["external"]["ensemble"]["auc"], abs=1e-6)
     assert main(["predict", str(out), str(ext / "benign")]) == 0
     # ... at operating points chosen on all out-of-fold predictions at once, with their figures there
-    from sonocad.operating import choose_thresholds
-    from sonocad.predictor import Predictor
+    from sonocad.deploy.predictor import Predictor
+    from sonocad.evaluation.operating import choose_thresholds
 
     y = np.asarray([r["label"] == "malignant" for r in rows], int)
     expected = choose_thresholds(y, np.asarray([float(r["prob"]) for r in rows]))
@@ -117,10 +117,10 @@ def test_compare_two_runs(tiny_run, phantoms, tmp_path, capsys):
     """Two different runs on the same images: the paired DeLong test of their own predictions; runs that
     see the task differently are refused."""
     from sonocad.data import discover
-    from sonocad.evaluate import compare_runs
-    from sonocad.metrics import delong_test
-    from sonocad.predictor import Predictor
-    from sonocad.train import fit
+    from sonocad.deploy.predictor import Predictor
+    from sonocad.evaluation.metrics import delong_test
+    from sonocad.workflows.evaluate import compare_runs
+    from sonocad.workflows.train import fit
 
     other = tmp_path / "other"
     fit(phantoms, other, img_size=48, head_epochs=2, unfreeze="0", batch_size=8, seed=7, progress=False)

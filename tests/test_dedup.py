@@ -7,13 +7,23 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import BUSI, need
 from PIL import Image, ImageDraw
 
-from conftest import BUSI, need
-from sonocad.dedup import (DedupResult, DedupSettings, Features, candidate_pairs, compute_features, find_duplicates,
-                           group_features, link, phash_similarity, plant_copy)
-from sonocad.dedup.index import hamming_pairs, phash_pairs, similar_pairs
 from sonocad.data.synth import make_phantom
+from sonocad.dedup import (
+    DedupResult,
+    DedupSettings,
+    Features,
+    candidate_pairs,
+    compute_features,
+    find_duplicates,
+    group_features,
+    link,
+    phash_similarity,
+    plant_copy,
+)
+from sonocad.dedup.index import hamming_pairs, phash_pairs, similar_pairs
 from sonocad.errors import SonocadError
 
 LABELS = ["benign", "malignant", "benign", "malignant", "normal", "benign"]

@@ -6,13 +6,20 @@ import os
 import numpy as np
 import pydicom
 import pytest
+from conftest import BUSI, need, one_line_error
 from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (JPEG2000Lossless, JPEGBaseline8Bit, RLELossless, ExplicitVRLittleEndian,
-                         UltrasoundImageStorage, UltrasoundMultiFrameImageStorage, generate_uid)
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    RLELossless,
+    UltrasoundImageStorage,
+    UltrasoundMultiFrameImageStorage,
+    generate_uid,
+)
 
-from conftest import BUSI, need, one_line_error
-from sonocad.cli import main
+from sonocad.cli.main import main
 from sonocad.data.dicom import read_dicom, split_ref
 from sonocad.data.images import load_gray
 from sonocad.errors import SonocadError
@@ -120,7 +127,7 @@ def test_ultrasound_region_keeps_text_and_rulers_out(tmp_path):
 
 def test_multi_frame_chosen_or_every_frame(tmp_path):
     from sonocad.config import TrainConfig
-    from sonocad.prepare import prepare_data
+    from sonocad.training.prepare import prepare_data
 
     frames = [np.full((64, 80), 20 * k, np.uint8) for k in range(5)]
     cine = write_dicom(tmp_path / "cine.dcm", frames)
@@ -199,7 +206,7 @@ def test_dicom_training_and_outputs_hold_no_patient_data(phantoms, tmp_path, cap
 def test_dicom_copy_of_a_busi_image_gets_the_png_probability(tiny_run, tmp_path):
     """A DICOM copy of a BUSI image, inside a larger frame with burnt-in text and its ultrasound region
     declared, is predicted as the PNG is (uncompressed: the same pixels; JPEG baseline: within 0.01)."""
-    from sonocad.predictor import Predictor
+    from sonocad.deploy.predictor import Predictor
 
     png = need(BUSI) / "benign" / "benign (12).png"
     framed, region = with_burnt_in_text(np.asarray(Image.open(png).convert("L")))

@@ -1,12 +1,11 @@
 """Dataset layouts: class folders with BUSI mask pairing, CSV manifests, BUS-BRA, class selection."""
 import numpy as np
 import pytest
+from conftest import BUSBRA, BUSI, need
 from PIL import Image
 
 from sonocad.data import discover, resolve_classes
 from sonocad.errors import OptionError, SonocadError
-
-from conftest import BUSBRA, BUSI, need
 
 
 def _png(path, size=(40, 48), value=128):

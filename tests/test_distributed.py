@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import one_line_error
-from sonocad.commands import _launch
+
+from sonocad.cli.commands import _launch
 from sonocad.config import RunInfo, TrainConfig
 
 B = 4
@@ -29,7 +29,7 @@ def _join(rank: int, world: int, port: int) -> None:
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")   # gloo on the CPU, also on a GPU machine
     torch.set_num_threads(1)
-    from sonocad import dist
+    from sonocad.runtime import dist
 
     dist.init()
 
@@ -38,10 +38,10 @@ def _one_step(rank: int, world: int, port: int, out: str) -> None:
     """Phase 2 for one step on 2B images (frozen BatchNorm, fp32, no augmentation, no dropout); rank 0 saves the
     weights. SGD, whose step is linear in the gradient: Adam's first step divides each gradient by its own size,
     which turns float rounding in near-zero gradients (summation order differs across CPUs) into full steps."""
-    from sonocad.infer import InputPipeline, resolve_precision
-    from sonocad.models import create_model
-    from sonocad.prepare import Split
-    from sonocad.trainer import Trainer
+    from sonocad.models.classifier import create_model
+    from sonocad.models.infer import InputPipeline, resolve_precision
+    from sonocad.training.prepare import Split
+    from sonocad.training.trainer import Trainer
 
     if world > 1:
         _join(rank, world, port)
@@ -71,7 +71,7 @@ def test_two_processes_step_like_one_with_twice_the_batch(tmp_path):
     one = torch.load(tmp_path / "one" / "weights.pt")
     start = {}
     torch.manual_seed(0)
-    from sonocad.models import create_model
+    from sonocad.models.classifier import create_model
     start = create_model("tf_efficientnet_lite0", 1, pretrained=False, dropout=0.0).state_dict()
     moved = [k for k in one if one[k].is_floating_point() and not torch.equal(one[k], start[k])]
     assert moved, "the step changed no weight: the comparison would prove nothing"
@@ -84,12 +84,12 @@ def test_two_processes_step_like_one_with_twice_the_batch(tmp_path):
 
 
 def _tiny_run(rank: int, world: int, port: int, data: str, out: str, mode: str = "") -> None:
-    from sonocad.train import fit
-    from sonocad.trainer import Trainer
+    from sonocad.training.trainer import Trainer
+    from sonocad.workflows.train import fit
 
     _join(rank, world, port)
     if mode == "kill":          # rank 1 dies with SIGKILL as phase 2's second epoch starts (after rank 0 wrote
-        from sonocad import dist            # the first one's checkpoint: both ranks wait for each other there)
+        from sonocad.runtime import dist  # the first one's checkpoint: both ranks wait for each other there)
         draw = Trainer._augment_gen
 
         def killed(self):
@@ -140,7 +140,7 @@ def test_devices_launches_torchrun(monkeypatch, capsys):
 
 
 def test_cv_workers_give_the_sequential_figures(phantoms, tmp_path, capsys):
-    from sonocad.cli import main
+    from sonocad.cli.main import main
 
     args = [str(phantoms), "--folds", "2", "--img-size", "48", "--head-epochs", "2", "--finetune-epochs", "1",
             "--batch-size", "8", "--threads", "1", "--no-dedup", "--quiet"]

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error
 from PIL import Image
 
-from conftest import one_line_error
-from sonocad.cli import main
+from sonocad.analysis.explain import gradcam, heatmaps, lesion_agreement, randomize_top
+from sonocad.cli.main import main
 from sonocad.errors import SonocadError
-from sonocad.explain import gradcam, heatmaps, lesion_agreement, randomize_top
-from sonocad.models import create_model, fold_batchnorm
+from sonocad.models.classifier import create_model, fold_batchnorm
 
 
 def _models():
@@ -49,7 +49,7 @@ def test_both_classes_of_a_binary_model_are_explained():
 
 
 def test_closed_form_on_a_folded_trained_run(tiny_run, phantoms):
-    from sonocad.predictor import Predictor
+    from sonocad.deploy.predictor import Predictor
 
     p = Predictor.load(tiny_run)
     model, pipeline = p.members[0]
@@ -75,7 +75,7 @@ def test_randomised_top_layers_lower_the_agreement(demo_run, tmp_path):
     agree with the lesion far more than those of the same model with its head and top blocks randomised."""
     from sonocad.data import discover
     from sonocad.data.images import load_mask
-    from sonocad.predictor import Predictor
+    from sonocad.deploy.predictor import Predictor
 
     run, data = demo_run
     p = Predictor.load(run)
@@ -122,7 +122,7 @@ def test_explain_predict_heatmaps_and_evaluate(tiny_run, phantoms, tmp_path, cap
 
 def test_explain_on_a_multiclass_run(tmp_path):
     from sonocad.data.synth import write_phantom_set
-    from sonocad.train import fit
+    from sonocad.workflows.train import fit
 
     write_phantom_set(tmp_path / "d", n=24, seed=5, size=64, classes=("benign", "malignant", "normal"))
     fit(tmp_path / "d", tmp_path / "r", img_size=64, head_epochs=2, unfreeze="0", batch_size=8, dedup=False,

@@ -3,9 +3,9 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import one_line_error
-from sonocad.cli import main
+
+from sonocad.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,8 @@ def exported(tiny_run, tmp_path_factory):
 def test_onnx_runtime_gives_the_pytorch_probabilities(exported, tiny_run, phantoms):
     import onnx
 
-    from sonocad.evaluate import load
-    from sonocad.predictor import Predictor
+    from sonocad.deploy.predictor import Predictor
+    from sonocad.workflows.evaluate import load
 
     fp32, int8 = exported
     props = {p.key: p.value for p in onnx.load(str(fp32)).metadata_props}

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from sonocad.models import create_model, fold_batchnorm
+from sonocad.models.classifier import create_model, fold_batchnorm
 
 
 def _randomise_bn(model):
@@ -61,7 +61,7 @@ def test_fold_leaves_mismatched_pairs_alone():
 def test_tune_allocator_takes_effect_on_glibc():
     import platform
 
-    from sonocad.allocator import tune_allocator
+    from sonocad.runtime.allocator import tune_allocator
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt tuning is for glibc Linux only")

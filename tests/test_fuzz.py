@@ -70,7 +70,7 @@ def test_malformed_manifests(tmp_path, header, rows, raw):
 # --- option values and config.json fields ---------------------------------------------------------------------
 
 def _value_options():
-    from sonocad.cli import build_parser
+    from sonocad.cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "verb")
     return sorted(a.option_strings[0] for a in sub.choices["train"]._actions
@@ -88,8 +88,8 @@ def test_fuzzed_option_values(option, value, extra):
     round trip through config.json."""
     import json
 
-    from sonocad.cli import build_parser
-    from sonocad.commands import _config
+    from sonocad.cli.commands import _config
+    from sonocad.cli.main import build_parser
     from sonocad.config import TrainConfig
 
     try:

@@ -7,12 +7,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from conftest import one_line_error
-from sonocad.commands import _launch
+
+from sonocad.cli.commands import _launch
 from sonocad.errors import OptionError, SonocadError
-from sonocad.infer import deterministic_cuda, resolve_precision
-from sonocad.optim import make_loss, optimizer_step
+from sonocad.models.infer import deterministic_cuda, resolve_precision
+from sonocad.training.optim import make_loss, optimizer_step
 
 
 def test_class_weights_follow_the_logits_device():
@@ -48,7 +48,7 @@ def test_fp16_trains_through_a_loss_scaler():
 
 
 def test_more_processes_than_gpus_is_a_clear_error(monkeypatch, capsys):
-    from sonocad import dist
+    from sonocad.runtime import dist
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

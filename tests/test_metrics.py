@@ -1,4 +1,4 @@
-"""Tests for sonocad.metrics against hand computations, textbook values and an
+"""Tests for sonocad.evaluation.metrics against hand computations, textbook values and an
 independent O(n^2) DeLong implementation written from the 1988 definition."""
 
 import json
@@ -6,12 +6,10 @@ import math
 
 import numpy as np
 import pytest
-
-from sonocad.operating import choose_thresholds
 from scipy import stats
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
-from sonocad.metrics import (
+from sonocad.evaluation.metrics import (
     binary_metrics,
     bootstrap_auc_ci,
     calibration,
@@ -21,6 +19,7 @@ from sonocad.metrics import (
     multiclass_metrics,
     wilson_ci,
 )
+from sonocad.evaluation.operating import choose_thresholds
 
 Z95 = stats.norm.ppf(0.975)
 

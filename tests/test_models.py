@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sonocad import models
 from sonocad.errors import SonocadError
-from sonocad.models import create_model, set_trainable
-from sonocad.optim import make_loss
+from sonocad.models import classifier as models
+from sonocad.models.classifier import create_model, set_trainable
+from sonocad.training.optim import make_loss
 
 
 def test_binary_head_one_logit_sigmoid_is_not_constant():

@@ -5,9 +5,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sonocad.console import promise_verdict
-from sonocad.operating import (choose_thresholds, normal_bound, point_figures, positives_needed, promise_check,
-                               promise_warning, sensitivity_bound)
+from sonocad.evaluation.operating import (
+    choose_thresholds,
+    normal_bound,
+    point_figures,
+    positives_needed,
+    promise_check,
+    promise_warning,
+    sensitivity_bound,
+)
+from sonocad.runtime.console import promise_verdict
 
 
 def test_bound_is_clopper_pearson():

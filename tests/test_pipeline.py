@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sonocad.cli import main
+from sonocad.cli.main import main
 from sonocad.config import TrainConfig
 
 RUN_FILES = ["config.json", "model.safetensors", "log.csv", "metrics.json", "predictions.csv", "report.html",
@@ -82,7 +82,7 @@ def test_predict_prints_and_writes_csv(tiny_run, phantoms, tmp_path, capsys):
 
 
 def test_same_seed_same_metrics(phantoms, tmp_path):
-    from sonocad.train import fit
+    from sonocad.workflows.train import fit
 
     args = dict(img_size=48, head_epochs=2, finetune_epochs=1, batch_size=8, seed=5)
     a = fit(phantoms, tmp_path / "a", progress=False, **args)
@@ -96,11 +96,11 @@ def test_notebook_recipe_runs(phantoms, tmp_path):
     """The notebook's settings (undersampling, offline augmentation, Adagrad) on a tiny backbone."""
     import torch
 
-    from sonocad.infer import InputPipeline, resolve_precision
-    from sonocad.prepare import prepare_data, split_train_val
-    from sonocad.train import fit
-    from sonocad.starting import build_model
-    from sonocad.trainer import Trainer
+    from sonocad.models.infer import InputPipeline, resolve_precision
+    from sonocad.training.prepare import prepare_data, split_train_val
+    from sonocad.training.starting import build_model
+    from sonocad.training.trainer import Trainer
+    from sonocad.workflows.train import fit
 
     cfg = TrainConfig.from_recipe("notebook", model="resnet18", pretrained=False, img_size=48,
                                   head_epochs=1, finetune_epochs=1, offline_augment=2)
@@ -133,7 +133,7 @@ def test_notebook_recipe_runs(phantoms, tmp_path):
 def test_multiclass_softmax_run(tmp_path, capsys):
     """Three classes (softmax) through train (both phases, default precision), evaluate, predict and cv."""
     from sonocad.data.synth import write_phantom_set
-    from sonocad.train import fit
+    from sonocad.workflows.train import fit
 
     classes = ["benign", "malignant", "normal"]
     write_phantom_set(tmp_path / "d", n=36, seed=2, size=48, classes=tuple(classes))
@@ -186,7 +186,7 @@ def test_shortcut_check_on_phantoms(tiny_run, phantoms, tmp_path, capsys):
 
 
 def test_mask_out_hides_the_lesion():
-    from sonocad.shortcut import mask_out
+    from sonocad.analysis.shortcut import mask_out
 
     img = np.full((64, 64), 120, np.uint8)
     img[20:40, 20:40] = 10
@@ -198,8 +198,8 @@ def test_mask_out_hides_the_lesion():
 
 def test_temperature_scaling_and_bootstrap_ci(phantoms, tmp_path):
     """Temperature fitted on validation data is saved with the model and used by predict."""
-    from sonocad.predictor import load_run
-    from sonocad.train import fit
+    from sonocad.deploy.predictor import load_run
+    from sonocad.workflows.train import fit
 
     m = fit(phantoms, tmp_path / "t", img_size=48, head_epochs=3, finetune_epochs=1, batch_size=8,
             temperature_scaling=True, ci="bootstrap", progress=False)
@@ -212,7 +212,7 @@ def test_temperature_scaling_and_bootstrap_ci(phantoms, tmp_path):
 
 
 def test_tissue_fill_hides_the_lesion_and_keeps_speckle():
-    from sonocad.shortcut import fill_with_tissue, lesion_box
+    from sonocad.analysis.shortcut import fill_with_tissue, lesion_box
 
     rng = np.random.default_rng(0)
     img = np.clip(rng.normal(120, 25, (96, 96)), 0, 255).astype(np.uint8)   # speckled tissue
@@ -233,9 +233,9 @@ def test_weight_averaging_runs_the_full_schedule_and_keeps_the_average(phantoms,
     """With ema_epochs, phase 2 ignores patience and saves the moving average, not the last raw weights."""
     import torch
 
-    from sonocad.models import read_state_dict
-    from sonocad.train import fit
-    from sonocad.trainer import read_checkpoint
+    from sonocad.models.classifier import read_state_dict
+    from sonocad.training.trainer import read_checkpoint
+    from sonocad.workflows.train import fit
 
     fit(phantoms, tmp_path / "r", img_size=48, head_epochs=2, finetune_epochs=4, patience=0, ema_epochs=1,
         batch_size=8, seed=1, progress=False)

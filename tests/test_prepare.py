@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sonocad import prepare
 from sonocad.dedup import DedupSettings
+from sonocad.training import prepare
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def test_merge_groups_joins_transitively():
 
 
 def test_input_config_builds_no_model():
-    from sonocad.models import input_config
+    from sonocad.models.classifier import input_config
 
     torch.manual_seed(0)
     state = torch.get_rng_state()
@@ -81,7 +81,7 @@ def test_input_config_builds_no_model():
 @pytest.mark.parametrize("per_epoch,epochs", [(10, 12), (3, 1), (1, 3), (17, 12), (9, 1)])
 def test_warmup_cosine_schedule(per_epoch, epochs):
     """Linear warm-up, factor (k+1)/(w+1) at step k, then cosine to 0 at the last step."""
-    from sonocad.optim import warmup_cosine
+    from sonocad.training.optim import warmup_cosine
 
     total = epochs * per_epoch
     warmup = min(per_epoch, total // 10)

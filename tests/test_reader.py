@@ -4,13 +4,13 @@ import json
 
 import numpy as np
 import pytest
+from conftest import BUSBRA, need, one_line_error
 from sklearn.metrics import roc_auc_score
 
-from conftest import BUSBRA, need, one_line_error
-from sonocad.cli import main
+from sonocad.cli.main import main
 from sonocad.data import discover
-from sonocad.metrics import delong_test
-from sonocad.reader import reader_column, reader_scores
+from sonocad.evaluation.metrics import delong_test
+from sonocad.evaluation.reader import reader_column, reader_scores
 
 
 def _manifest(phantoms, path, value):
@@ -70,7 +70,7 @@ def test_busbra_birads_is_used_by_itself():
 
 
 def test_cv_sets_the_readers_beside_a_sites_out_of_fold_predictions(phantoms, tmp_path):
-    from sonocad.cv import _add_readers
+    from sonocad.workflows.cv import _add_readers
 
     rows = _manifest(phantoms, tmp_path / "m.csv", lambda i, label: "4c" if label == "malignant" else "3")
     samples = discover(str(tmp_path / "m.csv"), ["benign", "malignant"])

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_line_error as _err
 from PIL import Image
 
-from conftest import one_line_error as _err
-from sonocad.cli import main
+from sonocad.cli.main import main
 from sonocad.errors import SonocadError
 
 TINY = ["--img-size", "48", "--head-epochs", "2", "--finetune-epochs", "1", "--batch-size", "8", "--no-dedup",
@@ -32,8 +32,8 @@ def _consistent(run: Path) -> dict:
     """A finished run whose stored model gives its own predictions.csv; returns its config."""
     import csv
 
-    from sonocad.predictor import Predictor
-    from sonocad.rundir import check_finished
+    from sonocad.deploy.predictor import Predictor
+    from sonocad.io.rundir import check_finished
 
     check_finished(run)
     p = Predictor.load(run)
@@ -64,7 +64,7 @@ def test_finished_run_is_kept_unless_overwrite(tiny_run, phantoms, tmp_path, cap
 
 
 def test_evaluation_folder_is_replaced_whole(tiny_run, phantoms, tmp_path, capsys):
-    from sonocad.rundir import check_finished, kind
+    from sonocad.io.rundir import check_finished, kind
 
     out = tmp_path / "e"
     assert main(["evaluate", str(tiny_run), str(phantoms), "--out", str(out)]) == 0
@@ -152,7 +152,7 @@ def test_second_writer_is_refused(phantoms, tmp_path):
 
 
 def test_lock_is_per_folder_whatever_its_name(tmp_path, monkeypatch):
-    from sonocad.rundir import RunLock
+    from sonocad.io.rundir import RunLock
 
     real = tmp_path / "runs" / "real"
     real.mkdir(parents=True)
@@ -166,7 +166,7 @@ def test_lock_is_per_folder_whatever_its_name(tmp_path, monkeypatch):
 
 
 def test_leftovers_are_matched_exactly(tmp_path):
-    from sonocad.rundir import RunLock
+    from sonocad.io.rundir import RunLock
 
     busy = tmp_path / ".exp1.new-123"            # another run's scratch folder
     busy.mkdir()
@@ -368,7 +368,7 @@ def test_bad_image_count_and_lab_tiff(tmp_path):
 
 
 def test_output_files_follow_the_umask(tmp_path):
-    from sonocad.io import atomic_write_text
+    from sonocad.io.files import atomic_write_text
 
     old = os.umask(0o022)
     try:

@@ -90,7 +90,7 @@ def test_killed_init_run_resumes_and_averages_once(phantoms, tiny_run, tmp_path)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
-    from sonocad.cli import main
+    from sonocad.cli.main import main
 
     (tmp_path / "run").mkdir()
     assert main(["train", str(tmp_path), "--resume", str(tmp_path / "run")]) == 2
@@ -100,7 +100,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_damaged_checkpoint_is_a_clear_error(tiny_run, phantoms, tmp_path, capsys):
     import shutil
 
-    from sonocad.cli import main
+    from sonocad.cli.main import main
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

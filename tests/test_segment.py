@@ -6,18 +6,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error
 from PIL import Image
 
-from conftest import one_line_error
-from sonocad.cli import main
+from sonocad.cli.main import main
 from sonocad.config import RunInfo, TrainConfig
 from sonocad.data import discover
 from sonocad.data.augment import augment_batch
 from sonocad.data.images import from_square, load_mask, to_square
 from sonocad.errors import SonocadError
-from sonocad.maskhead import MaskDecoder, bilinear_by_matmul, dice_scores, mask_loss
-from sonocad.models import create_model
-from sonocad.prepare import decode_masks
+from sonocad.models.classifier import create_model
+from sonocad.models.maskhead import MaskDecoder, bilinear_by_matmul, dice_scores, mask_loss
+from sonocad.training.prepare import decode_masks
 
 
 def test_mask_loss_counts_only_images_with_known_masks():
@@ -99,7 +99,7 @@ def test_decode_masks_missing_and_bad(phantoms, tmp_path):
 
 def test_decoder_learns_lesion_masks(phantoms):
     """A few steps of the mask loss on a frozen ImageNet backbone bring the predicted masks onto the lesions."""
-    from sonocad.infer import InputPipeline, resolve_precision
+    from sonocad.models.infer import InputPipeline, resolve_precision
 
     torch.manual_seed(0)
     samples = [s for s in discover(phantoms) if s.label != "normal"][:24]

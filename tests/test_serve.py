@@ -10,7 +10,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from sonocad.serve import create_app  # noqa: E402
+from sonocad.serve.app import create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_page_has_no_outside_resources_and_the_notice(client):
 
 
 def test_predict_gives_the_runs_probability_and_a_heatmap(client, tiny_run, phantoms):
-    from sonocad.predictor import Predictor
+    from sonocad.deploy.predictor import Predictor
 
     path = phantoms / "malignant" / "malignant (3).png"
     r = client.post("/api/predict", files={"file": ("scan.png", _png(path), "image/png")})

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from sonocad.config import RunInfo, TrainConfig
-from sonocad.infer import InputPipeline, resolve_precision, run_batches, tta_views
+from sonocad.models.infer import InputPipeline, resolve_precision, run_batches, tta_views
 
 
 def test_default_views_are_the_image_zoomed_out_and_in_each_mirrored():

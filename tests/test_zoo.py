@@ -5,13 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BUSI, need
 from PIL import Image
 
-from conftest import BUSI, need
 from sonocad import zoo
-from sonocad.cli import main
-from sonocad.predictor import Predictor
-from sonocad.rundir import check_finished, kind
+from sonocad.cli.main import main
+from sonocad.deploy.predictor import Predictor
+from sonocad.io.rundir import check_finished, kind
 
 BASE = zoo.HERE / "bus-base"
 

@@ -2,4 +2,6 @@
 
 A research tool, not a diagnostic device.
 """
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["__version__"]

@@ -257,7 +257,7 @@ class RunInfo:
         return len(self.classes) == 2
 
     def save(self, path: Path) -> None:
-        from .io import atomic_write_text
+        from .io.files import atomic_write_text
 
         d = dataclasses.asdict(self)
         atomic_write_text(path, json.dumps(d, indent=2))

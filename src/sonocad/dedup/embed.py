@@ -16,8 +16,8 @@ def backbone(name: str):
     if name not in _BACKBONES:
         import torch
 
-        from ..infer import InputPipeline, resolve_precision
-        from ..models import create_model, input_config
+        from ..models.classifier import create_model, input_config
+        from ..models.infer import InputPipeline, resolve_precision
 
         prec = resolve_precision("auto")
         with torch.random.fork_rng(devices=[]):   # random inits (its unused head) must not move the caller's RNG

@@ -26,7 +26,7 @@ class DedupResult:
 
     def to_csv(self, path, paths: list[str], labels: list[str] | None = None) -> None:
         """Write `path,group,label` rows (atomically), one per image."""
-        from ..io import atomic_write_text
+        from ..io.files import atomic_write_text
 
         if len(paths) != len(self.group) or (labels is not None and len(labels) != len(self.group)):
             raise SonocadError(f"to_csv: the result has {len(self.group)} images, got {len(paths)} "

@@ -1,0 +1,1 @@
+"""The command line: argument parsing (`main`) over one function per verb (`commands`)."""

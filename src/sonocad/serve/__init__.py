@@ -1,0 +1,1 @@
+"""The web page and JSON API over a finished run (FastAPI)."""
