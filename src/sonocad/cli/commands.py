@@ -281,3 +281,33 @@ def cmd_calibrate(a) -> None:
         print(line)
     print(f"calibrated run: {a.out} (use it like any run: sonocad evaluate/predict/serve {a.out})")
 
+
+
+def cmd_adapt(a) -> None:
+    from ..workflows.adapt import adapt
+
+    m = adapt(a.base, a.data if len(a.data) > 1 else a.data[0], a.out, seed=a.seed, folds=a.folds,
+              target_sensitivity=a.target_sensitivity, dedup=a.dedup, skip_bad=a.skip_bad, precision=a.precision,
+              overwrite=a.overwrite)
+    warn_bad(m["data"].get("skipped_bad_images", []))
+    r, base = m["adapt"], m["base_on_local"]
+    counts = ", ".join(f"{n} {c}" for c, n in r["n_per_class"].items())
+    if r["mode"] == "cross-fitted":
+        print(f"local scans: {counts}; {r['folds']}-fold cross-fitting, the folds settled on {r['epochs']} epoch(s) "
+              "of head training (0: the base's head as it is)")
+        where = "out of fold"
+    else:
+        print(f"sonocad: {r['note']}", file=sys.stderr)
+        where = "on the scans it was fitted on"
+    print(f"AUC {where} {m['auc']:.3f} (95% CI {m['auc_ci'][0]:.3f}-{m['auc_ci'][1]:.3f}); the base model as it is "
+          f"on these scans: {base['auc']:.3f} ({base['auc_ci'][0]:.3f}-{base['auc_ci'][1]:.3f})")
+    for name, op in m["operating_points"].items():
+        s, sp = op["sensitivity_ci"], op["specificity_ci"]
+        line = (f"  {name}: threshold {op['threshold']:.4f}, {where}: sensitivity {op['sensitivity']:.3f} "
+                f"({s[0]:.2f}-{s[1]:.2f}), specificity {op['specificity']:.3f} ({sp[0]:.2f}-{sp[1]:.2f})")
+        if "promised_sensitivity" in op:
+            line += (f"; promises sensitivity >= {op['promised_sensitivity']:.3f} on new cases (95% confidence, "
+                     f"{op['rule']})")
+        print(line)
+    print(f"adapted run: {a.out} (use it like any run: sonocad evaluate/predict/serve {a.out}; evaluate it on "
+          "other scans of the site for figures at its thresholds)")

@@ -16,6 +16,7 @@ from ..errors import OptionError, SonocadError
 from ..runtime.console import show_warning
 from .commands import (
     _TRAINING,
+    cmd_adapt,
     cmd_calibrate,
     cmd_compare,
     cmd_cv,
@@ -157,6 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "is complete)")
     _reading_options(p)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("adapt", help="a model for a new hospital: fine-tune BASE on a few of its labelled scans and "
+                       "choose its calibration and operating points on them by cross-fitting")
+    p.add_argument("base", help="a shipped model (bus-base), a run directory or a cv folder")
+    p.add_argument("data", nargs="+", help="labelled scans of the new site (class folders or a manifest)")
+    p.add_argument("--out", required=True, help="the adapted run directory to write")
+    p.add_argument("--seed", type=int, default=0, help="random seed: folds, augmented views, training order")
+    p.add_argument("--folds", type=int, default=5, help="cross-fitting folds (fewer when a class has fewer "
+                   "independent scans)")
+    p.add_argument("--target-sensitivity", type=float, default=0.95, help="the high-sensitivity point's target, "
+                   "kept on new cases with 95%% confidence where the local cancers allow (default 0.95)")
+    p.add_argument("--no-dedup", dest="dedup", action="store_false", help="do not search the local scans for "
+                   "duplicates (they are grouped with their patients so copies never cross a fold)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished result in --out (once the new one "
+                   "is complete)")
+    _reading_options(p)
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("explain", help="where the model looked: a Grad-CAM picture of each scan")
     p.add_argument("run")

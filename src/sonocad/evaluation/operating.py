@@ -160,12 +160,12 @@ def promise_warning(figures: dict, data: str = "the choosing data") -> str | Non
             f"{hs['target_sensitivity']:.2f}; {hs['positives_needed']} positives are needed for that")
 
 
-def choose_operating_points(info, y, prob, data: str) -> dict:
+def choose_operating_points(info, y, prob, data: str, target_sensitivity: float = TARGET_SENSITIVITY) -> dict:
     """Choose a binary run's operating points on labelled data (`data` names them) and record them in its
     RunInfo, with their figures on those data; warns (SonocadWarning) when the sensitivity target cannot be
     promised. Returns the figures."""
-    info.thresholds = choose_thresholds(y, prob)
-    figures = point_figures(y, prob, info.thresholds)
+    info.thresholds = choose_thresholds(y, prob, target_sensitivity)
+    figures = point_figures(y, prob, info.thresholds, target_sensitivity)
     info.operating_points = {"chosen_on": data, **figures}
     line = promise_warning(figures, data)
     if line:

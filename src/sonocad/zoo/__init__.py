@@ -19,3 +19,9 @@ def resolve(run: str | Path) -> Path:
     if not path.exists() and str(run) in names():
         return HERE / str(run)
     return path
+
+
+def shipped_version(path: str | Path) -> str | None:
+    """The shipped model a path is (its folder's name), or None for a model that was not shipped."""
+    path = Path(path).resolve()
+    return path.name if path.parent == HERE and (path / "config.json").is_file() else None

@@ -1,0 +1,180 @@
+"""Leave one site out: `sonocad adapt` against the base model as it is, calibration alone, and the same adapt
+procedure started from ImageNet, with k local scans of the target site.
+
+The target sites and their split (bench/loso.py's `target_split`): BUS-BRA dev, pool = official fold 1, held-back
+part = fold 2 (grouped by patient); BUSI, two halves of its duplicate groups. k scans are drawn from the pool as
+whole groups (bench/loso.py's `draw`, seed 1000 k + d for draw d); every arm uses the same scans. Figures on the
+held-back part (where the learning curve is reported) and on the pool's undrawn rest (the selection part,
+where adapt's settings were chosen).
+
+Each arm runs adapt's own core, `sonocad.workflows.adapt.cross_fit` (folds by group, head fine-tuned in each, the
+schedule chosen on the pooled out-of-fold scores, Platt scaling, the final head on all k scans), on backbone
+features computed once per base and site (`training.headfit.view_features`): the backbone is frozen, so the
+adapted model's score of a held-back image is its head applied to those features. A standalone `sonocad adapt`
+draws its augmented views image by image and also groups the k scans' duplicates; this bench groups by the
+site's groups alone. The operating point is `high_sensitivity` as adapt chooses it (`--target`).
+
+    .venv/bin/python bench/adapt_curve.py busbra --base runs/loso/busi-s0 --sizes 20 40 80 --draws 5 10 5
+    .venv/bin/python bench/adapt_curve.py busi --base runs/loso/busbra-s0 --sizes 40 --draws 10 --arms adapt
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from scipy import stats  # noqa: E402
+from scipy.special import expit  # noqa: E402
+
+from loso import CLASSES, draw, target_split  # noqa: E402
+from sonocad.config import DEFAULT_KEEP_INIT  # noqa: E402
+from sonocad.deploy.predictor import Predictor  # noqa: E402
+from sonocad.evaluation.metrics import binary_metrics, fit_temperature  # noqa: E402
+from sonocad.evaluation.operating import choose_thresholds  # noqa: E402
+from sonocad.models.classifier import create_model, trained_model  # noqa: E402
+from sonocad.models.infer import InputPipeline, resolve_precision  # noqa: E402
+from sonocad.training.headfit import head_logits, view_features  # noqa: E402
+from sonocad.workflows.adapt import cross_fit  # noqa: E402
+
+ARMS = ("base", "calibration", "adapt", "adapt-no-averaging", "imagenet")
+PARTS = ("test", "selection")
+
+
+def site_features(model, info, rows: list[dict], cache: Path, seed: int = 0):
+    """Features of every image of `rows` through `model`'s frozen backbone (adapt's views), cached on disk."""
+    if cache.is_file():
+        return torch.load(cache, weights_only=False)
+    prec = resolve_precision("auto")
+    model = model.to(prec.device).eval()
+    pipeline = InputPipeline(info.mean, info.std, prec, info.config.appearance)
+    predictor = Predictor(info, [(model, pipeline)])
+    images = predictor.decode([r["path"] for r in rows])[0]
+    feats = view_features(model, images, pipeline, info.config, seed)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(feats, cache)
+    return feats
+
+
+def imagenet_base(info, seed: int):
+    """The adapt procedure's start without an ultrasound model: the base's backbone architecture with ImageNet
+    weights and a new head (drawn with `seed`), nothing to average back to."""
+    torch.manual_seed(seed)
+    cfg = info.config
+    return create_model(cfg.model, 1, True, None, cfg.hidden, cfg.dropout).eval()
+
+
+def figures(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
+    m = binary_metrics(y, prob, threshold=threshold, ci=None)
+    return {"auc": float(m["auc"]), "sensitivity": float(m["sensitivity"]), "specificity": float(m["specificity"])}
+
+
+def run(a) -> dict:
+    pool, test = target_split(a.site)
+    rows = pool + test
+    y = np.asarray([r["label"] == CLASSES[1] for r in rows], int)
+    groups = np.asarray([r["group"] for r in rows])
+    is_test = np.r_[np.zeros(len(pool), bool), np.ones(len(test), bool)]
+    info, model = trained_model(a.base)
+    work = Path(a.work)
+    key = Path(a.base).resolve().name
+    feats = {"base": site_features(model, info, rows, work / f"features-{a.site}-{key}.pt")}
+    if "imagenet" in a.arms:
+        feats["imagenet"] = site_features(imagenet_base(info, 0), info, rows, work / f"features-{a.site}-imagenet.pt")
+    heads = {"base": model.head, "imagenet": imagenet_base(info, 0).head}
+    z_base = head_logits(model.head, feats["base"].score)
+    own = info.thresholds["high_sensitivity"]
+    out = {"site": a.site, "base": str(a.base), "target": a.target, "n_test": int(is_test.sum()),
+           "n_pool": len(pool), "base_alone": figures(y[is_test], expit(z_base[is_test] / info.temperature), own),
+           "draws": []}
+    print(json.dumps({k: v for k, v in out.items() if k != "draws"}), flush=True)
+    for k, n_draws in zip(a.sizes, a.draws):
+        for d in range(n_draws):
+            local = draw(pool, k, 1000 * k + d)
+            drawn = {r["path"] for r in local}
+            idx = np.asarray([i for i, r in enumerate(rows) if r["path"] in drawn])
+            parts = {"test": is_test, "selection": ~is_test & ~np.isin(groups, groups[idx])}
+            row = {"k": k, "draw": d, "n_local": len(idx), "n_local_malignant": int(y[idx].sum())}
+            for arm in a.arms:
+                t0 = time.perf_counter()
+                if arm == "base":
+                    prob, threshold = expit(z_base / info.temperature), own
+                elif arm == "calibration":          # sonocad calibrate: temperature, thresholds on the k scans
+                    temp = fit_temperature(y[idx], z_base[idx])
+                    prob = expit(z_base / temp)
+                    threshold = choose_thresholds(y[idx], prob[idx], a.target)["high_sensitivity"]
+                else:
+                    start = "imagenet" if arm == "imagenet" else "base"
+                    keep = 0.0 if arm in ("imagenet", "adapt-no-averaging") else DEFAULT_KEEP_INIT
+                    f = feats[start]
+                    fit = cross_fit(heads[start], f.take(idx), y[idx], groups[idx], info.config, d, keep=keep)
+                    prob = expit(head_logits(fit.head, f.score))
+                    threshold = choose_thresholds(y[idx], fit.prob, a.target)["high_sensitivity"]
+                    row.setdefault("epochs", {})[arm] = fit.epochs
+                row[arm] = {part: figures(y[m], prob[m], threshold) for part, m in parts.items()}
+                row[arm]["seconds"] = round(time.perf_counter() - t0, 2)
+            print(json.dumps(row), flush=True)
+            out["draws"].append(row)
+    out["summary"] = summarise(out["draws"], a.arms, a.sizes)
+    return out
+
+
+def summarise(draws: list[dict], arms, sizes) -> dict:
+    """Per k, arm and part: mean ± sd over draws of AUC, sensitivity and specificity at high_sensitivity, the
+    share of draws with sensitivity >= 0.90; adapt against every other arm: mean AUC difference, paired t."""
+    out: dict = {}
+    for k in sizes:
+        rows = [r for r in draws if r["k"] == k]
+        for arm in arms:
+            for part in PARTS:
+                v = {m: np.asarray([r[arm][part][m] for r in rows]) for m in ("auc", "sensitivity", "specificity")}
+                s = out.setdefault(str(k), {}).setdefault(arm, {})[part] = {
+                    m: [float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0] for m, x in v.items()}
+                s["share_sensitivity_0.90"] = float((v["sensitivity"] >= 0.90).mean())
+                s["draws"] = len(rows)
+                if arm != "adapt" and "adapt" in arms and len(rows) > 1:
+                    diff = np.asarray([r["adapt"][part]["auc"] - r[arm][part]["auc"] for r in rows])
+                    s["adapt_minus_this_auc"] = [float(diff.mean()), float(stats.ttest_1samp(diff, 0).pvalue)]
+                print(f"k={k} {arm:18s} {part:9s} AUC {s['auc'][0]:.3f} ± {s['auc'][1]:.3f}  sensitivity "
+                      f"{s['sensitivity'][0]:.3f} ± {s['sensitivity'][1]:.3f} (>= 0.90 in "
+                      f"{s['share_sensitivity_0.90']:.0%})  specificity {s['specificity'][0]:.3f} ± "
+                      f"{s['specificity'][1]:.3f}" + (f"  adapt - this: {s['adapt_minus_this_auc'][0]:+.3f} "
+                                                     f"(p={s['adapt_minus_this_auc'][1]:.3g})"
+                                                     if "adapt_minus_this_auc" in s else ""), flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("site", choices=["busbra", "busi"], help="the target site")
+    ap.add_argument("--base", required=True, help="a run trained on the other site")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[20, 40, 80])
+    ap.add_argument("--draws", type=int, nargs="+", default=[5, 10, 5], help="draws at each size")
+    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    ap.add_argument("--target", type=float, default=0.95, help="high-sensitivity target")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "adapt-curve"))
+    a = ap.parse_args(argv)
+    if len(a.draws) != len(a.sizes):
+        ap.error("--draws needs one number per size")
+    t0 = time.perf_counter()
+    out = run(a)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    name = f"curve-{a.site}-{Path(a.base).resolve().name}-k{'-'.join(map(str, a.sizes))}-d{'-'.join(map(str, a.draws))}"
+    path, n = Path(a.work) / f"{name}.json", 1
+    while path.exists():
+        n += 1
+        path = Path(a.work) / f"{name}-{n}.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path} ({out['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
