@@ -191,3 +191,23 @@ def test_platt_scaling_recovers_shift_and_spread_and_stays_finite_when_separated
     assert slope == pytest.approx(0.5, abs=0.06) and intercept == pytest.approx(-1.0, abs=0.1)
     s, c = fit_platt([0, 0, 0, 1, 1, 1], [-3.0, -2, -1, 1, 2, 3])      # separated: finite, not infinite
     assert 0 < s < 20 and np.isfinite(c)
+
+
+def test_runs_whose_thresholds_come_from_elsewhere_say_so_and_name_adapt(adapted, tiny_run, local_scans, tmp_path,
+                                                                          capsys):
+    out = adapted[0]
+    scan = local_scans[1][0]["path"]
+    assert main(["predict", str(tiny_run), scan]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert len(notes) == 1 and f"sonocad adapt {tiny_run}" in notes[0] and "another hospital" in notes[0]
+    assert main(["predict", str(out), scan]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert main(["evaluate", str(tiny_run), str(local_scans[0]), "--out", str(tmp_path / "e1")]) == 0
+    assert "sonocad adapt" in capsys.readouterr().out
+    assert "sonocad adapt" in json.loads((tmp_path / "e1" / "metrics.json").read_text())["site_notice"]
+    assert 'id="site-notice"' in (tmp_path / "e1" / "report.html").read_text()
+    assert main(["evaluate", str(out), str(local_scans[0]), "--out", str(tmp_path / "e2")]) == 0
+    assert "site_notice" not in json.loads((tmp_path / "e2" / "metrics.json").read_text())
+    for report in (tmp_path / "e2" / "report.html", out / "report.html"):
+        assert 'id="site-notice"' not in report.read_text()
+    assert 'id="site-notice"' in (tiny_run / "report.html").read_text()

@@ -1,5 +1,5 @@
 """Lesion-aware training: the mask loss with missing masks, masks that follow the augmentation, the mask head's
-output files and Dice, AdaBN, and their errors."""
+output files and Dice, and their errors."""
 import csv
 import json
 
@@ -155,23 +155,6 @@ def test_seg_weight_zero_trains_no_mask_head(phantoms, tmp_path, capsys):
     capsys.readouterr()
     err = one_line_error(capsys, ["predict", str(run), str(phantoms / "benign"), "--masks", str(tmp_path / "m")])
     assert "no lesion-mask head" in err
-
-
-def test_adapt_bn_recomputes_statistics(tiny_run, phantoms, tmp_path, capsys):
-    assert main(["evaluate", str(tiny_run), str(phantoms), "--out", str(tmp_path / "plain")]) == 0
-    assert main(["evaluate", str(tiny_run), str(phantoms), "--out", str(tmp_path / "ada"), "--adapt-bn"]) == 0
-    plain = [float(r["prob"]) for r in csv.DictReader(open(tmp_path / "plain" / "predictions.csv"))]
-    ada = [float(r["prob"]) for r in csv.DictReader(open(tmp_path / "ada" / "predictions.csv"))]
-    assert not np.allclose(plain, ada)
-    assert json.loads((tmp_path / "ada" / "metrics.json").read_text())["adapted_batchnorm"]["images"] == 48
-    capsys.readouterr()
-    few = tmp_path / "few"
-    for label in ("benign", "malignant"):
-        (few / label).mkdir(parents=True)
-        for p in sorted((phantoms / label).glob("*).png"))[:3]:
-            (few / label / p.name).write_bytes(p.read_bytes())
-    err = one_line_error(capsys, ["evaluate", str(tiny_run), str(few), "--out", str(tmp_path / "e"), "--adapt-bn"])
-    assert "too few" in err
 
 
 def test_seg_weight_options_and_old_runs():

@@ -256,6 +256,17 @@ class RunInfo:
     def binary(self) -> bool:
         return len(self.classes) == 2
 
+    def site_notice(self, run: str) -> str | None:
+        """One line for a binary run whose thresholds were chosen at the site it was trained on rather than
+        on labelled scans of the site it is used at (neither calibrated nor adapted there): where they were
+        chosen, and the command that chooses them at a new hospital. None for the others."""
+        if not self.binary or self.data.get("calibrated_from") or self.data.get("adapted_from"):
+            return None
+        chosen = (self.operating_points or {}).get("chosen_on") or "validation data of the training run"
+        return (f"the thresholds of {run} were chosen on {chosen} at the site it was trained on and may not hold "
+                f"at another hospital: sonocad adapt {run} LOCAL_SCANS --out NEW_RUN chooses them on that "
+                "hospital's own labelled scans")
+
     def save(self, path: Path) -> None:
         from .io.files import atomic_write_text
 

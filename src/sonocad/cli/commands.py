@@ -104,9 +104,11 @@ def cmd_evaluate(a) -> None:
 
     m = evaluate_run(a.run, a.data if len(a.data) > 1 else a.data[0], a.out, skip_bad=a.skip_bad,
                      precision=a.precision, shortcut=a.shortcut_check, engine=a.engine,
-                     reader_score=a.reader_score, reader_threshold=a.reader_threshold, adapt_bn=a.adapt_bn)
+                     reader_score=a.reader_score, reader_threshold=a.reader_threshold)
     warn_bad(m["data"].get("skipped_bad_images", []))
     print_metrics(m, "evaluation")
+    if m.get("site_notice"):
+        print(f"note: {m['site_notice']}")
     print_readers(m)
     warn_bad(m.get("shortcut_check", {}).get("skipped_bad_images", []))
     print_explanation(m)
@@ -157,6 +159,11 @@ def cmd_predict(a) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()})
+    from ..workflows.evaluate import site_notice
+
+    notice = site_notice(a.run, a.engine)
+    if notice:
+        print(f"sonocad: note: {notice}", file=sys.stderr)
 
 
 def cmd_explain(a) -> None:

@@ -128,8 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reader-score", metavar="COLUMN", help="the manifest column holding the readers' score "
                    "(BI-RADS) of each image, compared with the model (default: BUS-BRA's BIRADS where the data "
                    "carry it; none: leave it out)")
-    p.add_argument("--adapt-bn", action="store_true", help="recompute the model's BatchNorm statistics on the "
-                   "images evaluated (AdaBN, no labels used) before predicting them")
     p.add_argument("--reader-threshold", type=float, default=4.0, help="the readers' operating point: score at "
                    "or above it (default 4: BI-RADS 4, biopsy recommended)")
     p.add_argument("--shortcut-check", action="store_true",

@@ -32,47 +32,15 @@ from ..zoo import resolve
 PREPROCESSING = ("model", "resize", "clean_overlays", "tta", "tta_zooms")
 
 
-def load_run(run: str | Path, precision: str = "auto",
-             adapt: np.ndarray | None = None) -> tuple[RunInfo, Classifier, InputPipeline]:
+def load_run(run: str | Path, precision: str = "auto") -> tuple[RunInfo, Classifier, InputPipeline]:
     """The run's config, its trained model (eval mode, BatchNorm folded for inference) and the
-    matching input pipeline. With `adapt` (uint8 images (N, S, S) of the target site), the BatchNorm
-    statistics are first recomputed on those images (AdaBN)."""
+    matching input pipeline."""
     info, model = trained_model(run)
     prec = resolve_precision(precision)
     model = model.to(prec.device).eval()
     if prec.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    pipeline = InputPipeline(info.mean, info.std, prec)
-    if adapt is not None:
-        adapt_batchnorm(model, adapt, pipeline)
-    return info, fold_batchnorm(model), pipeline
-
-
-MIN_ADAPT_IMAGES = 16
-
-
-def adapt_batchnorm(model: torch.nn.Module, images: np.ndarray, pipeline: InputPipeline, batch_size: int = 32) -> None:
-    """AdaBN: every BatchNorm's running mean and variance recomputed as the average over `images` (no labels:
-    forward passes of the plain view only); the model is left in eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        raise SonocadError("--adapt-bn: this model has no BatchNorm layers to adapt")
-    if len(images) < MIN_ADAPT_IMAGES:
-        raise SonocadError(f"--adapt-bn: {len(images)} image(s) are too few to estimate the BatchNorm statistics; "
-                           f"give at least {MIN_ADAPT_IMAGES}")
-    model.eval()
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None         # a cumulative average over all batches
-        m.train()
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            with pipeline.precision.autocast():
-                model(pipeline(images[i:i + batch_size]))
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.eval()
+    return info, fold_batchnorm(model), InputPipeline(info.mean, info.std, prec)
 
 
 def predict_images(model: Classifier, pipeline: InputPipeline, images: np.ndarray, tta: bool,
@@ -94,12 +62,11 @@ class Predictor:
         self.info, self.members = info, members
 
     @classmethod
-    def load(cls, run: str | Path, precision: str = "auto", adapt: np.ndarray | None = None) -> "Predictor":
-        """A run directory, or a `sonocad cv` directory whose fold models become one ensemble. `adapt`: target
-        images to recompute the BatchNorm statistics on (AdaBN, see load_run)."""
+    def load(cls, run: str | Path, precision: str = "auto") -> "Predictor":
+        """A run directory, or a `sonocad cv` directory whose fold models become one ensemble."""
         run = resolve(run)
         if (run / "config.json").is_file() or not run.is_dir():
-            info, model, pipeline = load_run(run, precision, adapt)
+            info, model, pipeline = load_run(run, precision)
             return cls(info, [(model, pipeline)])
         folds = sorted(run.glob("fold-*/config.json")) + sorted(run.glob("repeat-*/fold-*/config.json"))
         if not folds:
@@ -108,7 +75,7 @@ class Predictor:
         if kind(run) != "cv":
             raise SonocadError(f"{run}: cross-validation in progress or interrupted ({len(folds)} fold(s) so far); "
                                "run the same sonocad cv command again to finish it")
-        loaded = [load_run(f.parent, precision, adapt) for f in folds]
+        loaded = [load_run(f.parent, precision) for f in folds]
         first = loaded[0][0]
         for info, _, _ in loaded[1:]:
             if info.classes != first.classes or info.img_size != first.img_size or any(

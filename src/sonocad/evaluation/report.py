@@ -220,11 +220,14 @@ def write_report(out: Path, metrics: dict, y: np.ndarray, probs: np.ndarray, inf
             [*[(f"{k} (s)", v) for k, v in metrics["timing_seconds"].items()],
              ("precision", metrics.get("precision")), ("parameters", metrics.get("parameters"))]))
     sections.append("<h2>Configuration</h2>" + _table(list(info.config.to_dict().items())))
+    data = metrics.get("data")
+    line = info.site_notice(str(data.get("run") if isinstance(data, dict) and data.get("run") else "RUN"))
+    notice = f'<p class="note" id="site-notice">Note: {html.escape(line)}.</p>' if line else ""
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;
 font-size:90%}}img{{max-width:100%;margin:4px}}.note{{background:#fff4e0;padding:.6em;border-left:4px solid #e90}}
 </style></head><body><h1>{html.escape(title)}</h1><p class="note">{html.escape(DISCLAIMER)}</p>
-{''.join(sections)}<h2>Plots</h2>{''.join(_img(f) for f in figs)}</body></html>"""
+{notice}{''.join(sections)}<h2>Plots</h2>{''.join(_img(f) for f in figs)}</body></html>"""
     atomic_write_text(out / "report.html", doc)
     return out / "report.html"

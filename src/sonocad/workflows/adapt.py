@@ -29,7 +29,6 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from ..config import DEFAULT_KEEP_INIT, RunInfo
 from ..data import discover
-from ..data.split import group_ids
 from ..deploy.predictor import PREPROCESSING, Predictor
 from ..errors import OptionError, SonocadError
 from ..evaluation.metrics import binary_metrics
@@ -40,7 +39,7 @@ from ..evaluation.scaling import fit_platt, platt_nll
 from ..io import rundir
 from ..io.files import ensure_writable_dir
 from ..io.rundir import RunLock, prepare_output, refuse_writing_into_runs, swap_in
-from ..models.classifier import Classifier, fold_batchnorm, save_model, trained_model
+from ..models.classifier import Classifier, save_model, trained_model
 from ..models.infer import InputPipeline, resolve_precision
 from ..training.headfit import (ViewFeatures, averaged, fold_platt, head_logits, train_head, view_features,
                                 with_state)

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..analysis.explain import explanation_metrics, picture_name, write_pictures
 from ..analysis.segment import has_mask_head, segmentation_report, write_masks
+from ..config import RunInfo
 from ..data import discover
 from ..data.dicom import frame_refs
 from ..data.discover import image_files
@@ -21,10 +22,22 @@ from ..deploy.export import load_onnx
 from ..deploy.predictor import Predictor
 from ..errors import OptionError, SonocadError, SonocadWarning
 from ..evaluation.metrics import delong_test
-from ..evaluation.reader import reader_column, reader_scores, reader_section, score_reader
+from ..evaluation.reader import (
+    reader_column,
+    reader_scores,
+    reader_section,
+    score_reader,
+)
 from ..evaluation.results import data_source, score_predictions, write_evaluation
 from ..io.files import ensure_writable_dir
-from ..io.rundir import RunLock, finish, prepare_output, refuse_writing_into_runs, remove, swap_in
+from ..io.rundir import (
+    RunLock,
+    finish,
+    prepare_output,
+    refuse_writing_into_runs,
+    remove,
+    swap_in,
+)
 from ..zoo import resolve
 
 
@@ -49,21 +62,18 @@ def load(run: str | Path, precision: str = "auto", engine: str = "auto") -> Pred
 
 def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
                  precision: str = "auto", shortcut: bool = False, engine: str = "auto",
-                 reader_score: str | None = None, reader_threshold: float = 4.0, adapt_bn: bool = False) -> dict:
+                 reader_score: str | None = None, reader_threshold: float = 4.0) -> dict:
     """Evaluate a trained run on another dataset, using the run's classes and ignoring other classes.
     `shortcut=True` adds the shortcut check (overlays removed, lesion masked out) on images with masks.
     `reader_score`: a manifest column of the readers' scores (BI-RADS), compared with the model on the same
-    images (sonocad.evaluation.reader; BUS-BRA's BI-RADS by default where the data carry it, "none" to leave it out).
-    `adapt_bn=True`: the model's BatchNorm statistics are recomputed on the images evaluated (AdaBN; no labels
-    used) before predicting them."""
+    images (sonocad.evaluation.reader; BUS-BRA's BI-RADS by default where the data carry it, "none" to leave it out)."""
     refuse_writing_into_runs(out, [run], "out")
     with RunLock(out) as lock:
         out = lock.run
         # always built beside and swapped in: a kill leaves the earlier evaluation, or none, never half of one
         work = ensure_writable_dir(prepare_output(out, allowed_kind="evaluate", in_place=False))
         try:
-            metrics = _evaluate(run, data, work, skip_bad, precision, shortcut, engine, reader_score, reader_threshold,
-                                adapt_bn)
+            metrics = _evaluate(run, data, work, skip_bad, precision, shortcut, engine, reader_score, reader_threshold)
             finish(work, ["metrics.json", "predictions.csv", "report.html"], kind="evaluate")
         except BaseException:
             remove(work)
@@ -73,18 +83,14 @@ def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
 
 
 def _evaluate(run, data, out: Path, skip_bad: bool, precision: str, shortcut: bool, engine: str,
-              reader_score: str | None, reader_threshold: float, adapt_bn: bool = False) -> dict:
+              reader_score: str | None, reader_threshold: float) -> dict:
     predictor = load(run, precision, engine)
-    if adapt_bn and not hasattr(predictor.members[0][0], "backbone"):
-        raise OptionError("adapt_bn", "needs the PyTorch model: give the run directory, not an ONNX file")
     info = predictor.info
     samples = discover(data, info.classes, allow_missing_classes=True, frames=info.config.frames)
     column = reader_column(samples, reader_score) if info.binary else None
     if column:
         reader_scores(samples, column)          # a bad column fails before the images are decoded
     images, samples, y, bad = predictor.decode_samples(samples, skip_bad)
-    if adapt_bn:
-        predictor = Predictor.load(resolve(run), precision, adapt=images)
     missing = [c for i, c in enumerate(info.classes) if not (y == i).any()]
     if missing:
         warnings.warn(SonocadWarning(f"{data}: no images of {', '.join(missing)}: AUC and the figures that need "
@@ -92,9 +98,9 @@ def _evaluate(run, data, out: Path, skip_bad: bool, precision: str, shortcut: bo
     probs = predictor.predict_proba(images)
     metrics = score_predictions(y, probs, info)
     metrics["data"] = {"source": data_source(data), "run": str(run), "skipped_bad_images": bad}
-    if adapt_bn:
-        metrics["adapted_batchnorm"] = {"images": int(len(images)), "method": "AdaBN: BatchNorm statistics "
-                                        "recomputed on these images (no labels) before predicting them"}
+    notice = info.site_notice(str(run))
+    if notice:
+        metrics["site_notice"] = notice
     with_masks = [i for i, s in enumerate(samples) if s.masks]
     if with_masks and hasattr(predictor.members[0][0], "backbone"):       # where the model looked, against the lesion masks the data ship
         metrics["explanation"] = explanation_metrics(predictor, images[with_masks], [samples[i] for i in with_masks],
@@ -114,6 +120,17 @@ def _evaluate(run, data, out: Path, skip_bad: bool, precision: str, shortcut: bo
     write_evaluation(out, metrics, samples, y, probs, info, title=f"sonocad evaluation of {run} on {data}",
                      extra_columns=extra, extra_sections=[s for s in sections if s])
     return metrics
+
+
+def site_notice(run: str | Path, engine: str = "auto") -> str | None:
+    """The run's one line saying its thresholds were chosen at another site (RunInfo.site_notice), or None."""
+    if engine == "onnx" or str(run).endswith(".onnx"):
+        return load(run, "auto", engine).info.site_notice(str(run))
+    path = resolve(run)
+    configs = [path / "config.json"] if (path / "config.json").is_file() else sorted(path.glob("fold-*/config.json"))
+    if not configs:
+        return None
+    return RunInfo.load(configs[0]).site_notice(str(run))
 
 
 def predict_paths(run: str | Path, inputs: list[str | Path], skip_bad: bool = False,
