@@ -102,8 +102,12 @@ def test_train_with_init_records_it_and_averages_with_the_init(tiny_run, phantom
 
     averaged, tuned = fine_tune("ft"), fine_tune("ft0", "--keep-init", "0")
     init = load_file(str(tiny_run / "model.safetensors"))
-    cfg = RunInfo.load(tmp_path / "ft" / "config.json").config
+    info = RunInfo.load(tmp_path / "ft" / "config.json")
+    cfg = info.config
     assert cfg.init == str(tiny_run) and cfg.keep_init == 0.5            # the default with --init
+    start = info.data["init_from"]                                        # which weights it started from
+    assert start["name"] == str(tiny_run) and start["zoo_version"] is None
+    assert start["weights_sha256"] == json.loads((tiny_run / "run.json").read_text())["files"]["model.safetensors"]
     moved = 0
     for k, v in averaged.items():
         if k.startswith(("backbone.", "head.")) and v.is_floating_point():

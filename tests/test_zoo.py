@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BUSI, need
+from conftest import BUSI, need, one_line_error
 from PIL import Image
 
 from sonocad import zoo
@@ -13,11 +13,11 @@ from sonocad.cli.main import main
 from sonocad.deploy.predictor import Predictor
 from sonocad.io.rundir import check_finished, kind
 
-BASE = zoo.HERE / "bus-base"
+BASE = zoo.HERE / "bus-base" / zoo.versions("bus-base")[-1]
 
 
 def test_bus_base_is_shipped_whole_and_small():
-    assert "bus-base" in zoo.names() and zoo.resolve("bus-base") == BASE
+    assert "bus-base" in zoo.names() and "bus-base@1" in zoo.names() and zoo.resolve("bus-base") == BASE
     assert kind(BASE) == "train" and set(check_finished(BASE)) >= {"config.json", "model.safetensors", "MODEL_CARD.md"}
     assert sum(f.stat().st_size for f in BASE.iterdir()) <= 10 * 2**20
     card = (BASE / "MODEL_CARD.md").read_text()
@@ -51,3 +51,26 @@ def test_bus_base_on_a_busi_scan():
     scans = [s for s in scans if "_mask" not in s.name]
     p = Predictor.load("bus-base").predict_proba([str(s) for s in scans])[:, 1]
     assert p[:len(scans) // 2].mean() > p[len(scans) // 2:].mean()     # a sanity check, not a measurement
+
+
+# the SHA-256 of bus-base v1's weights as first shipped (2026-11-27): bus-base@1 keeps them byte for byte
+V1_WEIGHTS = "4f2611de041c71a497031144e185e0f3e55ca303016506fbf7d7616bed2cf09e"
+
+
+def test_versions_resolve_and_an_unknown_one_lists_the_known(phantoms, capsys):
+    import hashlib
+
+    from sonocad.training.starting import init_record
+
+    newest = zoo.versions("bus-base")[-1]
+    assert zoo.versions("bus-base")[0] == "1" and zoo.resolve("bus-base@1") == zoo.HERE / "bus-base" / "1"
+    assert zoo.shipped_version(zoo.resolve("bus-base")) == f"bus-base@{newest}"
+    assert zoo.shipped_version(zoo.resolve("bus-base@1")) == "bus-base@1"
+    assert hashlib.sha256((zoo.resolve("bus-base@1") / "model.safetensors").read_bytes()).hexdigest() == V1_WEIGHTS
+    image = str(phantoms / "malignant" / "malignant (1).png")
+    err = one_line_error(capsys, ["predict", "bus-base@99", image])
+    assert "bus-base@99" in err and "known: bus-base@1" in err and f"bus-base names bus-base@{newest}" in err
+    assert main(["predict", "bus-base@1", image]) == 0
+    record = init_record("bus-base@1")
+    assert record["zoo_version"] == "bus-base@1" and record["weights_sha256"] == V1_WEIGHTS
+    assert init_record("bus-base")["zoo_version"] == f"bus-base@{newest}"

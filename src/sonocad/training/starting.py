@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import TrainConfig
+from ..config import RunInfo, TrainConfig
 from ..errors import OptionError, SonocadWarning
+from ..io.rundir import check_finished
 from ..models.classifier import Classifier, create_model, trained_model
 from ..models.infer import Precision
+from ..zoo import resolve, shipped_version
 
 
 def build_model(cfg: TrainConfig, n_classes: int, precision: Precision, classes: list[str] | None = None,
@@ -56,6 +58,17 @@ def init_model(cfg: TrainConfig, n_classes: int, classes: list[str] | None, mask
         warnings.warn(SonocadWarning(f"--init {cfg.init} was trained with {', '.join(differ)}; this run "
                                      "prepares its images otherwise"))
     return model
+
+
+def init_record(run: str) -> dict:
+    """What a run fine-tuned or adapted from the run `run` records of it: the name given, the SHA-256 of its
+    weights as its run.json commits them, the sonocad version that trained it and, for a shipped model, which
+    version (`bus-base@1`)."""
+    path = resolve(run)
+    files = check_finished(path) if (path / "config.json").is_file() else {}
+    version = RunInfo.load(path / "config.json").version if (path / "config.json").is_file() else None
+    return {"name": str(run), "weights_sha256": files.get("model.safetensors"), "sonocad_version": version,
+            "zoo_version": shipped_version(path)}
 
 
 def check_disk_space(out: Path, n_parameters: int) -> None:

@@ -41,10 +41,18 @@ from ..io.files import ensure_writable_dir
 from ..io.rundir import RunLock, prepare_output, refuse_writing_into_runs, swap_in
 from ..models.classifier import Classifier, save_model, trained_model
 from ..models.infer import InputPipeline, resolve_precision
-from ..training.headfit import (ViewFeatures, averaged, fold_platt, head_logits, train_head, view_features,
-                                with_state)
+from ..training.headfit import (
+    ViewFeatures,
+    averaged,
+    fold_platt,
+    head_logits,
+    train_head,
+    view_features,
+    with_state,
+)
 from ..training.prepare import Split, with_duplicate_groups
-from ..zoo import resolve, shipped_version
+from ..training.starting import init_record
+from ..zoo import resolve
 
 ADAPTED_FILES = ("config.json", "model.safetensors", "metrics.json", "predictions.csv", "report.html")
 EPOCHS = (0, 2, 5, 10, 20, 40, 80)     # schedules the folds compare (head epochs at a constant rate)
@@ -197,7 +205,7 @@ def _adapt(name: str, source: Path, info: RunInfo, model: Classifier, local: _Lo
     base_logits = head_logits(model.head, feats.score) / info.temperature
     fit = cross_fit(model.head, feats, y, local.groups, cfg, seed, folds, keep)
     counts = {c: int((y == i).sum()) for i, c in enumerate(info.classes)}
-    record = {"base": base_record(name, source, info), "n_per_class": counts,
+    record = {"base": init_record(name), "n_per_class": counts,
               "groups": int(len(np.unique(local.groups))), "seed": seed, "keep_init": keep,
               "target_sensitivity": target, "epochs": fit.epochs, "platt": fit.platt}
     crossed = bool(len(fit.fold))
@@ -253,14 +261,6 @@ def _base_figures(y: np.ndarray, prob: np.ndarray, info: RunInfo) -> dict:
     return {"auc": m["auc"], "auc_ci": m["auc_ci"], "operating_points": {
         k: {f: v[f] for f in ("threshold", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci")}
         for k, v in m["operating_points"].items()}}
-
-
-def base_record(name: str, source: Path, info: RunInfo) -> dict:
-    """What a run adapted or fine-tuned from `source` records of it: its name, the SHA-256 of its weights as its
-    run.json commits them, the sonocad version that trained it, and a shipped model's version."""
-    files = rundir.check_finished(source) if (source / "config.json").is_file() else {}
-    return {"name": name, "weights_sha256": files.get("model.safetensors"), "sonocad_version": info.version,
-            "zoo_version": shipped_version(source)}
 
 
 def _section(metrics: dict) -> str:

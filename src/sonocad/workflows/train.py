@@ -41,7 +41,12 @@ from ..training.prepare import (
     trains_mask_head,
     write_data_record,
 )
-from ..training.starting import build_model, check_disk_space, seed_everything
+from ..training.starting import (
+    build_model,
+    check_disk_space,
+    init_record,
+    seed_everything,
+)
 from ..training.trainer import Trainer, read_checkpoint
 from ..version import __version__
 
@@ -189,5 +194,7 @@ def _fit(data, out: Path, cfg: TrainConfig, test_data, progress: bool, resume: b
         write_data_record(out / "checkpoints" / "data.json", record)
     summary = data_summary(data, str(test_data) if test_data else "held-out part of the training data",
                            prepared, train, val, test, bad_test, cfg.offline_augment)
+    if cfg.init:
+        summary["init_from"] = init_record(cfg.init)
     return train_and_evaluate(model, run_info(cfg, prepared, summary), train, val, test, out, precision,
                               progress, resume, time.perf_counter() - t0)
