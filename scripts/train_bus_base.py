@@ -1,17 +1,25 @@
-"""Train and pack bus-base, the ultrasound base model shipped in src/sonocad/zoo/bus-base.
+"""Train, pack and check bus-base, the ultrasound base model shipped in src/sonocad/zoo/bus-base/VERSION/.
 
-One command, the default recipe on all labelled data in ../shared (BUSI benign/malignant and BUS-BRA's
-development part, each its own site), seed 0; a held-out test part of each site (20%, grouped by patient in
-BUS-BRA and by duplicate group in BUSI) is kept out of training so that the model card's figures are honest.
-The trained run is then packed: weights in fp16, its figures measured again with the packed weights, a model
-card. Reproducible: the same seed on the same machine gives the same weights.
+train: the default recipe on all labelled data in ../shared (BUSI benign/malignant and BUS-BRA's development
+part, each its own site), seed 0; a held-out test part of each site (20%, grouped by patient in BUS-BRA and by
+duplicate group in BUSI) is kept out of training so that the model card's figures are honest. The trained run is
+then packed as version N: weights in fp16, its figures measured again with the packed weights, a model card, and
+no path of the machine that trained it (data named relative to the data folder). Reproducible: the same seed on
+the same machine gives the same weights.
+repack: a shipped version's config, figures and card written again by this script (paths removed, the card
+regenerated from its figures), its weights untouched (checked byte for byte), its run.json hashes recomputed.
+check: every shipped version is whole (run.json's hashes match its files), holds no absolute path, has a card that
+states its version and that its thresholds are not calibrated for a new site; all versions together fit 25 MB.
 
-    .venv/bin/python scripts/train_bus_base.py            # about 15 minutes on 2 cores
+    .venv/bin/python scripts/train_bus_base.py train --version 2     # about 15 minutes on 2 cores
+    .venv/bin/python scripts/train_bus_base.py repack 1
+    .venv/bin/python scripts/train_bus_base.py check
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import shutil
 import sys
@@ -21,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from safetensors.torch import load, save  # noqa: E402
 
+from sonocad import zoo  # noqa: E402
 from sonocad.analysis.segment import has_mask_head, predict_masks, segmentation_metrics, true_masks  # noqa: E402
 from sonocad.config import RunInfo  # noqa: E402
 from sonocad.deploy.predictor import Predictor  # noqa: E402
@@ -38,23 +46,108 @@ SITES = {"BUSI": "busi/Dataset_BUSI_with_GT", "BUS-BRA": "busbra/BUSBRA"}
 FIELDS = ("n", "n_per_class", "auc", "auc_ci", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci")
 
 
+ZOO = ROOT / "src" / "sonocad" / "zoo" / NAME
+MAX_ZOO_BYTES = 25 * 2**20
+SHIPPED = ("config.json", "model.safetensors", "metrics.json", "MODEL_CARD.md")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"), help="the data folder")
-    ap.add_argument("--work", default=str(ROOT / "runs" / "bus-base-train"), help="the training run")
-    ap.add_argument("--out", default=str(ROOT / "src" / "sonocad" / "zoo" / NAME), help="the packed model")
-    ap.add_argument("--seed", type=int, default=0)
+    sub = ap.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("train", help="train and pack a new version")
+    p.add_argument("--version", type=int, required=True)
+    p.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"), help="the data folder")
+    p.add_argument("--work", default=str(ROOT / "runs" / "bus-base-train"), help="the training run")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("repack", help="write a shipped version's config, figures and card again")
+    p.add_argument("version", type=int)
+    p.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"), help="the data folder it was trained on")
+    sub.add_parser("check", help="check every shipped version")
     a = ap.parse_args(argv)
-    data = [str(Path(a.shared) / p) for p in SITES.values()]
-    work = Path(a.work)
-    if rundir.kind(work) != "train":
-        fit(data, work, classes=["benign", "malignant"], seed=a.seed)
-    pack(work, Path(a.out))
-    return 0
+    if a.verb == "train":
+        data = [str(Path(a.shared) / p) for p in SITES.values()]
+        work = Path(a.work)
+        if rundir.kind(work) != "train":
+            fit(data, work, classes=["benign", "malignant"], seed=a.seed)
+        pack(work, ZOO / str(a.version), Path(a.shared))
+    elif a.verb == "repack":
+        repack(ZOO / str(a.version), Path(a.shared))
+    problems = check()
+    for line in problems:
+        print(f"check: {line}", file=sys.stderr)
+    if not problems:
+        print(f"check: {', '.join(zoo.names())} whole, no machine paths, "
+              f"{sum(f.stat().st_size for f in ZOO.rglob('*') if f.is_file()) / 2**20:.1f} MiB in all")
+    return 1 if problems else 0
 
 
-def pack(work: Path, out: Path) -> None:
-    """The finished run `work` as a shipped model in `out`: fp16 weights, figures re-measured, model card."""
+def without_paths(value, shared: Path):
+    """`value` with every absolute path replaced by its path inside the data folder `shared` (or its last two
+    parts): what the shipped files say about the data, without the machine that trained on it."""
+    if isinstance(value, dict):
+        return {k: without_paths(v, shared) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_paths(v, shared) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        path = Path(value)
+        for root in (shared, shared.resolve()):
+            if path.is_relative_to(root):
+                return str(path.relative_to(root))
+        return str(Path(*path.parts[-2:]))
+    return value
+
+
+def _write_shipped(out: Path, info: RunInfo, metrics: dict, shared: Path, version: str) -> None:
+    """config.json, metrics.json and MODEL_CARD.md of a version, without machine paths; run.json last."""
+    info = dataclasses.replace(info, data=without_paths(info.data, shared),
+                               operating_points=without_paths(info.operating_points, shared))
+    metrics = without_paths(metrics, shared)
+    metrics["data"] = info.data
+    info.save(out / "config.json")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=float))
+    atomic_write_text(out / "MODEL_CARD.md", model_card(info, metrics, (out / "model.safetensors").stat().st_size,
+                                                       version))
+    rundir.finish(out, list(SHIPPED))
+
+
+def repack(out: Path, shared: Path) -> None:
+    """A shipped version's files written again by this script; its weights are kept byte for byte."""
+    weights = (out / "model.safetensors").read_bytes()
+    rundir.check_finished(out)                   # whole before: refuses a hand-edited version
+    info = RunInfo.load(out / "config.json")
+    metrics = json.loads((out / "metrics.json").read_text())
+    _write_shipped(out, info, metrics, shared, out.name)
+    assert (out / "model.safetensors").read_bytes() == weights
+
+
+def check() -> list[str]:
+    """What is wrong with the shipped versions (empty: nothing)."""
+    problems = []
+    for version in zoo.versions(NAME):
+        folder = ZOO / version
+        try:
+            files = rundir.check_finished(folder)
+        except Exception as e:
+            problems.append(f"{NAME}@{version}: {e}")
+            continue
+        if set(files) != set(SHIPPED):
+            problems.append(f"{NAME}@{version}: run.json commits {sorted(files)}, not {sorted(SHIPPED)}")
+        for name in ("config.json", "metrics.json", "MODEL_CARD.md"):
+            text = (folder / name).read_text()
+            if any(root in text for root in ('"/', "/work/", "/home/", "/tmp/")):
+                problems.append(f"{NAME}@{version}/{name}: holds a machine path")
+        card = (folder / "MODEL_CARD.md").read_text()
+        if f"{NAME}@{version}" not in card or "not calibrated for a new site" not in card:
+            problems.append(f"{NAME}@{version}/MODEL_CARD.md: does not state its version and that its thresholds "
+                            "are not calibrated for a new site")
+    size = sum(f.stat().st_size for f in ZOO.rglob("*") if f.is_file())
+    if size > MAX_ZOO_BYTES:
+        problems.append(f"the shipped versions take {size / 2**20:.1f} MiB, over {MAX_ZOO_BYTES / 2**20:.0f}")
+    return problems
+
+
+def pack(work: Path, out: Path, shared: Path) -> None:
+    """The finished run `work` as the shipped version `out`: fp16 weights, figures re-measured, model card."""
     tmp = out.parent / f".{out.name}.new"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -91,10 +184,7 @@ def pack(work: Path, out: Path) -> None:
             metrics[scope]["segmentation"] = segmentation_metrics(lesion[with_mask], masks[with_mask])[0]
     metrics["training_seconds"] = json.loads((work / "metrics.json").read_text())["timing_seconds"]["total"]
     metrics["operating_points_chosen_on"] = info.operating_points
-    metrics["data"] = info.data
-    atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=1, default=float))
-    atomic_write_text(tmp / "MODEL_CARD.md", model_card(info, metrics, (tmp / "model.safetensors").stat().st_size))
-    rundir.finish(tmp, ["config.json", "model.safetensors", "metrics.json", "MODEL_CARD.md"])
+    _write_shipped(tmp, info, metrics, shared, out.name)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("test_part", "max", "precision"))},
@@ -119,7 +209,7 @@ def _scope_name(scope: str) -> str:
     return scope.replace("test_part_", "").replace("test_part", "both sites")
 
 
-def model_card(info: RunInfo, m: dict, size: int) -> str:
+def model_card(info: RunInfo, m: dict, size: int, version: str) -> str:
     rows = []
     scopes = [scope for scope in m if scope.startswith("test_part")]
     for scope in scopes:
@@ -140,9 +230,16 @@ def model_card(info: RunInfo, m: dict, size: int) -> str:
     hs = m["test_part"]["operating_points"].get("high_sensitivity", {})
     d = info.data
     vp = info.operating_points.get("high_sensitivity", {})
-    return f"""# bus-base: a breast-ultrasound base model (benign vs malignant)
+    points = "\n".join(
+        f"| {name} | {op['threshold']:.4f} | {op['sensitivity']:.3f} ({_ci(op['sensitivity_ci'])}) | "
+        f"{op['specificity']:.3f} ({_ci(op['specificity_ci'])}) | "
+        + (f"≥ {op['promised_sensitivity']:.3f} on new cases of these sites (95% confidence)"
+           if "promised_sensitivity" in op else "") + " |"
+        for name, op in info.operating_points.items() if isinstance(op, dict))
+    return f"""# {NAME}@{version}: a breast-ultrasound base model (benign vs malignant)
 
 **Research tool, not a diagnostic device.** Its output is not a diagnosis and must not guide the care of a patient.
+`{NAME}` names the newest shipped version; `{NAME}@{version}` names this one for good.
 
 - Architecture: {info.config.model} (ImageNet weights, then fine-tuned), input {info.img_size} px gray, letterboxed,
   overlays cleaned; a sigmoid output for `malignant`; six test-time views. Weights in fp16 ({size / 2**20:.1f} MiB):
@@ -178,8 +275,17 @@ High-sensitivity point (threshold {hs.get('threshold', float('nan')):.4f}): sens
 sensitivity ≥ {hs.get('promised_sensitivity', float('nan')):.3f} (95% confidence) and {'kept it here.' if hs.get('promise_kept') else
 f"did not keep it here (p = {hs.get('promise_p') or float('nan'):.2g} for a sensitivity this low or lower, were the promise true)."}
 
-At another hospital these figures do not hold unchanged: its scanners, presets and patients differ. Calibrate
-on a labelled local set (`sonocad calibrate`) and evaluate on other local scans before any use in research.
+## Operating points, chosen on the validation part (never on the test part)
+
+| point | threshold | sensitivity (95% CI) | specificity (95% CI) | promise |
+|---|---|---|---|---|
+{points}
+
+**Its thresholds are not calibrated for a new site.** At another hospital these figures do not hold unchanged: its
+scanners, presets and patients differ, and a threshold that keeps its promise here can miss many cancers there or
+flag most benign lesions. Adapt it to a few of that hospital's labelled scans (`sonocad adapt {NAME}@{version} LOCAL
+--out RUN`: fine-tuning, calibration and thresholds chosen on them by cross-fitting), and evaluate the result on
+other local scans before any use in research.
 """
 
 

@@ -74,3 +74,28 @@ def test_versions_resolve_and_an_unknown_one_lists_the_known(phantoms, capsys):
     record = init_record("bus-base@1")
     assert record["zoo_version"] == "bus-base@1" and record["weights_sha256"] == V1_WEIGHTS
     assert init_record("bus-base")["zoo_version"] == f"bus-base@{newest}"
+
+
+def test_shipped_versions_pass_the_packing_scripts_check(tmp_path):
+    import importlib.util
+    import json
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("train_bus_base", root / "scripts" / "train_bus_base.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.check() == []
+    shared = Path("/data/shared")
+    assert script.without_paths({"source": ["/data/shared/busi/X", "/elsewhere/a/b/c"]}, shared) == \
+        {"source": ["busi/X", "b/c"]}
+    # a version with a machine path in its files fails the check
+    copy = tmp_path / "bus-base"
+    shutil.copytree(script.ZOO, copy)
+    config = copy / "1" / "config.json"
+    config.write_text(config.read_text().replace('"busi/Dataset_BUSI_with_GT"', '"/home/me/busi"'))
+    script.ZOO = copy
+    problems = script.check()
+    assert any("changed after the run finished" in p for p in problems), problems
+    data = json.loads(config.read_text())
+    assert data["data"]["source"][0] == "/home/me/busi"
