@@ -41,23 +41,26 @@ from sonocad.evaluation.metrics import binary_metrics, fit_temperature  # noqa: 
 from sonocad.evaluation.operating import choose_thresholds  # noqa: E402
 from sonocad.models.classifier import create_model, trained_model  # noqa: E402
 from sonocad.models.infer import InputPipeline, resolve_precision  # noqa: E402
-from sonocad.training.headfit import head_logits, view_features  # noqa: E402
-from sonocad.workflows.adapt import cross_fit  # noqa: E402
+from sonocad.training.headfit import Tail, tail_logits, view_features  # noqa: E402
+from sonocad.workflows.adapt import BLOCKS, cross_fit  # noqa: E402
 
-ARMS = ("base", "calibration", "adapt", "adapt-no-averaging", "imagenet")
+# arm -> (start, backbone blocks fine-tuned beside the head, share of the start kept); base and calibration
+# train nothing
+ARMS = {"base": None, "calibration": None, "adapt": ("base", BLOCKS, DEFAULT_KEEP_INIT),
+        "adapt-head": ("base", 0, DEFAULT_KEEP_INIT), "adapt-no-averaging": ("base", BLOCKS, 0.0),
+        "imagenet": ("imagenet", BLOCKS, 0.0)}
 PARTS = ("test", "selection")
 
 
-def site_features(model, info, rows: list[dict], cache: Path, seed: int = 0):
-    """Features of every image of `rows` through `model`'s frozen backbone (adapt's views), cached on disk."""
+def site_features(tail: Tail, model, info, rows: list[dict], cache: Path, seed: int = 0):
+    """The bottom's output for every image of `rows` (adapt's views), cached on disk."""
     if cache.is_file():
         return torch.load(cache, weights_only=False)
     prec = resolve_precision("auto")
-    model = model.to(prec.device).eval()
     pipeline = InputPipeline(info.mean, info.std, prec, info.config.appearance)
-    predictor = Predictor(info, [(model, pipeline)])
+    predictor = Predictor(info, [(model.to(prec.device).eval(), pipeline)])
     images = predictor.decode([r["path"] for r in rows])[0]
-    feats = view_features(model, images, pipeline, info.config, seed)
+    feats = view_features(tail, images, pipeline, info.config, seed)
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(feats, cache)
     return feats
@@ -85,11 +88,21 @@ def run(a) -> dict:
     info, model = trained_model(a.base)
     work = Path(a.work)
     key = Path(a.base).resolve().name
-    feats = {"base": site_features(model, info, rows, work / f"features-{a.site}-{key}.pt")}
-    if "imagenet" in a.arms:
-        feats["imagenet"] = site_features(imagenet_base(info, 0), info, rows, work / f"features-{a.site}-imagenet.pt")
-    heads = {"base": model.head, "imagenet": imagenet_base(info, 0).head}
-    z_base = head_logits(model.head, feats["base"].score)
+    starts = {"base": model, "imagenet": imagenet_base(info, 0)}
+    tails, feats = {}, {}
+    for arm in a.arms:
+        if ARMS[arm] is None:
+            continue
+        start, blocks, _ = ARMS[arm]
+        if (start, blocks) not in tails:
+            tails[start, blocks] = Tail(starts[start], blocks)
+            name = key if start == "base" else start
+            feats[start, blocks] = site_features(tails[start, blocks], starts[start], info, rows,
+                                                 work / f"features-{a.site}-{name}-b{blocks}.pt")
+    base_tail = Tail(model, 0)
+    base_feats = site_features(base_tail, model, info, rows, work / f"features-{a.site}-{key}-b0.pt")
+    z_base = tail_logits(base_tail, base_feats.score)
+    prec = resolve_precision("auto")
     own = info.thresholds["high_sensitivity"]
     out = {"site": a.site, "base": str(a.base), "target": a.target, "n_test": int(is_test.sum()),
            "n_pool": len(pool), "base_alone": figures(y[is_test], expit(z_base[is_test] / info.temperature), own),
@@ -111,11 +124,11 @@ def run(a) -> dict:
                     prob = expit(z_base / temp)
                     threshold = choose_thresholds(y[idx], prob[idx], a.target)["high_sensitivity"]
                 else:
-                    start = "imagenet" if arm == "imagenet" else "base"
-                    keep = 0.0 if arm in ("imagenet", "adapt-no-averaging") else DEFAULT_KEEP_INIT
-                    f = feats[start]
-                    fit = cross_fit(heads[start], f.take(idx), y[idx], groups[idx], info.config, d, keep=keep)
-                    prob = expit(head_logits(fit.head, f.score))
+                    start, blocks, keep = ARMS[arm]
+                    f = feats[start, blocks]
+                    fit = cross_fit(tails[start, blocks], f.take(idx), y[idx], groups[idx], info.config, d, keep=keep,
+                                    precision=prec)
+                    prob = expit(tail_logits(fit.tail, f.score, prec))
                     threshold = choose_thresholds(y[idx], fit.prob, a.target)["high_sensitivity"]
                     row.setdefault("epochs", {})[arm] = fit.epochs
                 row[arm] = {part: figures(y[m], prob[m], threshold) for part, m in parts.items()}
@@ -157,7 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base", required=True, help="a run trained on the other site")
     ap.add_argument("--sizes", type=int, nargs="+", default=[20, 40, 80])
     ap.add_argument("--draws", type=int, nargs="+", default=[5, 10, 5], help="draws at each size")
-    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=["base", "calibration", "adapt", "imagenet"])
     ap.add_argument("--target", type=float, default=0.95, help="high-sensitivity target")
     ap.add_argument("--work", default=str(ROOT / "runs" / "adapt-curve"))
     a = ap.parse_args(argv)

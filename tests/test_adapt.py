@@ -13,6 +13,9 @@ from sonocad.data.synth import write_phantom_set
 from sonocad.deploy.predictor import Predictor
 from sonocad.evaluation.scaling import fit_platt
 from sonocad.io.rundir import kind
+from sonocad.models.classifier import trained_model
+from sonocad.models.infer import InputPipeline, resolve_precision
+from sonocad.training.headfit import Tail, tail_logits, view_features
 from sonocad.workflows import adapt as adapt_mod
 from sonocad.workflows.adapt import MIN_PER_CLASS, adapt, fold_of
 
@@ -37,22 +40,22 @@ def adapted(tiny_run, local_scans, tmp_path_factory):
     """An adapted run, with every training and scoring call of the cross-fitting recorded."""
     manifest, _ = local_scans
     calls, seen = [], {}
-    real = adapt_mod.view_features, adapt_mod.train_head, adapt_mod.head_logits
+    real = adapt_mod.view_features, adapt_mod.train_tail, adapt_mod.tail_logits
     patch = pytest.MonkeyPatch()
 
     def view_spy(*args, **kw):
         feats = real[0](*args, **kw)
-        seen["plain"] = {row.numpy().tobytes(): i for i, row in enumerate(feats.train[0])}
+        seen["plain"] = {row.float().numpy().tobytes(): i for i, row in enumerate(feats.train[0])}
         return feats
 
     def rows(plain: torch.Tensor) -> frozenset:
-        return frozenset(seen["plain"][r.numpy().tobytes()] for r in plain)
+        return frozenset(seen["plain"][r.float().numpy().tobytes()] for r in plain)
 
     patch.setattr(adapt_mod, "view_features", view_spy)
-    patch.setattr(adapt_mod, "train_head", lambda head, train, *a, **k: (calls.append(("train", rows(train[0]))),
-                                                                            real[1](head, train, *a, **k))[1])
-    patch.setattr(adapt_mod, "head_logits", lambda head, score: (calls.append(("score", score)),
-                                                                 real[2](head, score))[1])
+    patch.setattr(adapt_mod, "train_tail", lambda tail, train, *a, **k: (calls.append(("train", rows(train[0]))),
+                                                                            real[1](tail, train, *a, **k))[1])
+    patch.setattr(adapt_mod, "tail_logits", lambda tail, score: (calls.append(("score", score)),
+                                                                 real[2](tail, score))[1])
     out = tmp_path_factory.mktemp("adapted") / "run"
     try:
         metrics = adapt(tiny_run, str(manifest), out, seed=0, dedup=False)
@@ -72,7 +75,7 @@ def test_no_scan_is_scored_by_a_model_that_saw_it(adapted, local_scans):
         if x.shape[1] == len(plain):          # the base model scoring every scan: it never trained on them
             continue
         # the plain view is one of the test-time views: which scans this call scored
-        ids = {i for v in range(x.shape[0]) for i in (seen["plain"].get(r.numpy().tobytes()) for r in x[v])
+        ids = {i for v in range(x.shape[0]) for i in (seen["plain"].get(r.float().numpy().tobytes()) for r in x[v])
                if i is not None}
         assert trained is not None and ids and not ids & trained, "a fold model scored a scan it trained on"
         scored_by_fold.append(frozenset(ids))
@@ -106,17 +109,16 @@ def test_groups_never_cross_folds_and_the_run_is_ordinary(adapted, local_scans, 
     assert main(["calibrate", str(out), str(local_scans[0]), "--out", str(tmp_path / "cal")]) == 0
 
 
-def test_the_saved_model_gives_the_cross_fitted_head_with_its_calibration(adapted, local_scans, tiny_run):
+def test_the_saved_model_is_the_cut_model_put_back_together(adapted, local_scans):
     out, metrics, _, _ = adapted
-    path = local_scans[1][0]["path"]
-    base, new = Predictor.load(tiny_run), Predictor.load(out)
-    images = new.decode([path])[0]
-    p = new.predict_proba(images)[0, 1]
-    slope, intercept = metrics["adapt"]["platt"]["slope"], metrics["adapt"]["platt"]["intercept"]
-    assert new.info.temperature == 1.0 and 0 < p < 1
-    if metrics["adapt"]["epochs"] == 0:       # the base's head kept: only the calibration differs
-        z = np.log(base.predict_proba(images)[0, 1] / (1 - base.predict_proba(images)[0, 1])) * base.info.temperature
-        assert p == pytest.approx(expit(slope * z + intercept), abs=1e-4)
+    new = Predictor.load(out, precision="fp32")
+    images = new.decode([r["path"] for r in local_scans[1][:6]])[0]
+    info, model = trained_model(out)
+    tail = Tail(model, metrics["adapt"]["blocks"])
+    pipeline = InputPipeline(info.mean, info.std, resolve_precision("fp32"))
+    z = tail_logits(tail, view_features(tail, images, pipeline, info.config, seed=0).score)
+    assert metrics["adapt"]["blocks"] == 2 and new.info.temperature == 1.0
+    np.testing.assert_allclose(new.predict_proba(images)[:, 1], expit(z), atol=1e-4)
 
 
 def test_same_seed_same_numbers(adapted, tiny_run, local_scans, tmp_path):

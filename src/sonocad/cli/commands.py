@@ -294,14 +294,15 @@ def cmd_adapt(a) -> None:
     from ..workflows.adapt import adapt
 
     m = adapt(a.base, a.data if len(a.data) > 1 else a.data[0], a.out, seed=a.seed, folds=a.folds,
-              target_sensitivity=a.target_sensitivity, dedup=a.dedup, skip_bad=a.skip_bad, precision=a.precision,
+              target_sensitivity=a.target_sensitivity, blocks=a.blocks, dedup=a.dedup, skip_bad=a.skip_bad, precision=a.precision,
               overwrite=a.overwrite)
     warn_bad(m["data"].get("skipped_bad_images", []))
     r, base = m["adapt"], m["base_on_local"]
     counts = ", ".join(f"{n} {c}" for c, n in r["n_per_class"].items())
     if r["mode"] == "cross-fitted":
+        what = f"the head and {r['blocks']} backbone block(s)" if r["blocks"] else "the head"
         print(f"local scans: {counts}; {r['folds']}-fold cross-fitting, the folds settled on {r['epochs']} epoch(s) "
-              "of head training (0: the base's head as it is)")
+              f"of training {what} (0: the base as it is)")
         where = "out of fold"
     else:
         print(f"sonocad: {r['note']}", file=sys.stderr)

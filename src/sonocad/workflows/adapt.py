@@ -42,26 +42,28 @@ from ..io.rundir import RunLock, prepare_output, refuse_writing_into_runs, swap_
 from ..models.classifier import Classifier, save_model, trained_model
 from ..models.infer import InputPipeline, resolve_precision
 from ..training.headfit import (
+    Tail,
     ViewFeatures,
     averaged,
     fold_platt,
-    head_logits,
-    train_head,
+    tail_logits,
+    train_tail,
     view_features,
-    with_state,
 )
 from ..training.prepare import Split, with_duplicate_groups
 from ..training.starting import init_record
 from ..zoo import resolve
 
 ADAPTED_FILES = ("config.json", "model.safetensors", "metrics.json", "predictions.csv", "report.html")
-EPOCHS = (0, 2, 5, 10, 20, 40, 80)     # schedules the folds compare (head epochs at a constant rate)
+# schedules the folds compare: epochs at a constant rate, for the head alone and with backbone blocks
+EPOCHS = {0: (0, 2, 5, 10, 20, 40, 80), "blocks": (0, 3, 6, 12)}
+BLOCKS = 2                              # backbone blocks fine-tuned beside the head by default
 FOLDS = 5
 MIN_PER_CLASS = 3                       # independent scans of each class needed to cross-fit
 
 
 def adapt(base: str | Path, data, out: str | Path, *, seed: int = 0, folds: int = FOLDS,
-          target_sensitivity: float = TARGET_SENSITIVITY, keep_init: float = DEFAULT_KEEP_INIT,
+          target_sensitivity: float = TARGET_SENSITIVITY, keep_init: float = DEFAULT_KEEP_INIT, blocks: int = BLOCKS,
           dedup: bool = True, skip_bad: bool = False, precision: str = "auto", overwrite: bool = False) -> dict:
     """Adapt the binary model `base` to the labelled local scans `data` (any layout sonocad reads) and write the
     adapted run to `out` (a finished result there is replaced only with `overwrite`, once the new one is
@@ -77,11 +79,12 @@ def adapt(base: str | Path, data, out: str | Path, *, seed: int = 0, folds: int 
     refuse_writing_into_runs(out, [source], "out")
     t0 = time.perf_counter()
     info, model = base_model(source, str(base))
+    tail = Tail(model, blocks)
     local = _local_scans(info, model, data, dedup, skip_bad, precision)
     with RunLock(out) as lock:
         work = ensure_writable_dir(prepare_output(lock.run, allowed_kind="", overwrite=overwrite, in_place=False))
         try:
-            metrics = _adapt(str(base), source, info, model, local, data, work, seed, folds, target_sensitivity,
+            metrics = _adapt(str(base), info, model, tail, local, data, work, seed, folds, target_sensitivity,
                              keep_init, t0)
             rundir.finish(work, list(ADAPTED_FILES), kind="adapt")
         except BaseException:
@@ -165,49 +168,53 @@ class CrossFit:
     scores: np.ndarray
     epochs: int
     schedules: dict
-    head: torch.nn.Module
+    tail: Tail
     platt: dict
     prob: np.ndarray
 
 
-def cross_fit(head: torch.nn.Module, feats: ViewFeatures, y: np.ndarray, groups: np.ndarray, cfg, seed: int,
-              folds: int = FOLDS, keep: float = DEFAULT_KEEP_INIT, temperature: float = 1.0) -> CrossFit:
-    """Adapt's core on features computed once (training.headfit.view_features): fine-tune `head` in each fold
-    for every schedule of EPOCHS, score the held-out fold, keep the schedule whose pooled out-of-fold scores fit
-    best after Platt scaling, fine-tune on all scans with it and fit the calibration on the out-of-fold scores.
-    With too few scans of a class (fold_of is empty) the base head is only recalibrated on its own scores."""
-    init = {k: v.detach().float().cpu() for k, v in head.state_dict().items()}
+def cross_fit(tail: Tail, feats: ViewFeatures, y: np.ndarray, groups: np.ndarray, cfg, seed: int,
+              folds: int = FOLDS, keep: float = DEFAULT_KEEP_INIT, precision=None) -> CrossFit:
+    """Adapt's core on the bottom's output computed once (training.headfit.view_features): fine-tune `tail` in
+    each fold for every schedule of EPOCHS, score the held-out fold, keep the schedule whose pooled out-of-fold
+    scores fit best after Platt scaling, fine-tune on all scans with it and fit the calibration on the
+    out-of-fold scores. With too few scans of a class (fold_of is empty) the base is only recalibrated on its
+    own scores. `precision`: the autocast the tail trains and scores under (training.headfit)."""
+    init = tail.trained_state()
+    grid = list(EPOCHS["blocks" if tail.depth else 0])
     fold = fold_of(y, groups, folds, seed)
     schedules: dict = {}
     if len(fold):
-        oof = {e: np.zeros(len(y)) for e in EPOCHS}
+        oof = {e: np.zeros(len(y)) for e in grid}
         for f in range(int(fold.max()) + 1):
             tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-            states = train_head(head, feats.train[:, tr], y[tr], list(EPOCHS), cfg, seed + 1 + f)
+            states = train_tail(tail, feats.train[:, tr], y[tr], grid, cfg, seed + 1 + f, precision)
             for e, state in states.items():
-                oof[e][te] = head_logits(with_state(head, averaged(state, init, keep)), feats.score[:, te])
-        schedules = {e: _fit_quality(y, oof[e]) for e in EPOCHS}
-        epochs = min(EPOCHS, key=lambda e: (round(schedules[e]["nll"], 9), e))
-        final = with_state(head, averaged(train_head(head, feats.train, y, [epochs], cfg, seed)[epochs], init, keep))
+                oof[e][te] = tail_logits(tail.with_state(averaged(state, init, keep)), feats.score[:, te], precision)
+        schedules = {e: _fit_quality(y, oof[e]) for e in grid}
+        epochs = min(grid, key=lambda e: (round(schedules[e]["nll"], 9), e))
+        final = train_tail(tail, feats.train, y, [epochs], cfg, seed, precision)[epochs]
+        final = tail.with_state(averaged(final, init, keep))
         scores = oof[epochs]
     else:
-        epochs, final, scores = 0, with_state(head, init), head_logits(head, feats.score)
+        epochs, final, scores = 0, tail.with_state(init), tail_logits(tail, feats.score, precision)
     slope, intercept = fit_platt(y, scores)
     fold_platt(final, slope, intercept)
     return CrossFit(fold, scores, epochs, schedules, final, {"slope": slope, "intercept": intercept},
                     expit(slope * scores + intercept))
 
 
-def _adapt(name: str, source: Path, info: RunInfo, model: Classifier, local: _Local, data, out: Path, seed: int,
+def _adapt(name: str, info: RunInfo, model: Classifier, tail: Tail, local: _Local, data, out: Path, seed: int,
            folds: int, target: float, keep: float, t0: float) -> dict:
     cfg, y = info.config, local.y
-    feats = view_features(model, local.images, local.predictor.members[0][1], cfg, seed)
-    base_logits = head_logits(model.head, feats.score) / info.temperature
-    fit = cross_fit(model.head, feats, y, local.groups, cfg, seed, folds, keep)
+    pipeline = local.predictor.members[0][1]
+    feats = view_features(tail, local.images, pipeline, cfg, seed)
+    base_logits = tail_logits(tail, feats.score, pipeline.precision) / info.temperature
+    fit = cross_fit(tail, feats, y, local.groups, cfg, seed, folds, keep, pipeline.precision)
     counts = {c: int((y == i).sum()) for i, c in enumerate(info.classes)}
     record = {"base": init_record(name), "n_per_class": counts,
               "groups": int(len(np.unique(local.groups))), "seed": seed, "keep_init": keep,
-              "target_sensitivity": target, "epochs": fit.epochs, "platt": fit.platt}
+              "target_sensitivity": target, "blocks": tail.depth, "epochs": fit.epochs, "platt": fit.platt}
     crossed = bool(len(fit.fold))
     if crossed:
         k = int(fit.fold.max()) + 1
@@ -228,7 +235,7 @@ def _adapt(name: str, source: Path, info: RunInfo, model: Classifier, local: _Lo
     figures = choose_operating_points(new, y, fit.prob, described, target)
     new.save(out / "config.json")
     adapted = model.cpu()
-    adapted.head.load_state_dict(fit.head.state_dict())
+    fit.tail.write_into(adapted)
     adapted.temperature.fill_(1.0)
     save_model(adapted, out / "model.safetensors")
 
@@ -266,8 +273,9 @@ def _base_figures(y: np.ndarray, prob: np.ndarray, info: RunInfo) -> dict:
 def _section(metrics: dict) -> str:
     a = metrics["adapt"]
     rows = [[e, q["auc"], q["nll"]] for e, q in a.get("schedules", {}).items()]
-    chosen = (f"<p>{a['folds']}-fold cross-fitting; the folds settled on {a['epochs']} epoch(s) of head training "
-              f"(0: the base's head as it is); Platt scaling slope {a['platt']['slope']:.3f}, intercept "
+    what = f"the head and {a['blocks']} backbone block(s)" if a["blocks"] else "the head"
+    chosen = (f"<p>{a['folds']}-fold cross-fitting; the folds settled on {a['epochs']} epoch(s) of training {what} "
+              f"(0: the base as it is); Platt scaling slope {a['platt']['slope']:.3f}, intercept "
               f"{a['platt']['intercept']:.3f}.</p>" if a["mode"] == "cross-fitted" else f"<p>{a['note']}.</p>")
     base = metrics["base_on_local"]
     return (f"<h2>Adaptation</h2>{chosen}" + (html_table(["epochs", "out-of-fold AUC", "NLL after Platt scaling"],
