@@ -14,7 +14,6 @@ import time
 
 from harness import Bench, add_run_argument, copy_images, run_for  # noqa: E402  (bench/ is on sys.path)
 
-from sonocad.runtime.allocator import tune_allocator  # noqa: E402
 from sonocad.workflows.evaluate import predict_paths  # noqa: E402
 
 
@@ -28,7 +27,6 @@ def main(argv=None) -> int:
     bench = Bench.start("explain_speed", __doc__, argv, add_arguments)
     a = bench.args
     n, repeats = (8, 1) if bench.smoke else (a.images, a.repeats)
-    tune_allocator()
     run = run_for(bench)
     folder = bench.tmp() / "scans"
     what = copy_images(bench, folder, n)

@@ -122,9 +122,10 @@ class Bench:
         self.meter = CpuMeter()
 
     @classmethod
-    def start(cls, name: str, doc: str, argv=None, add_arguments=None) -> "Bench":
-        """Parse `argv` (the benchmark's own options, from `add_arguments(parser)`, and the shared ones), print
-        the machine and whether it is busy; the returned Bench's `args` holds the options."""
+    def start(cls, name: str, doc: str, argv=None, add_arguments=None, extra: str | None = None) -> "Bench":
+        """Parse `argv` (the benchmark's own options, from `add_arguments(parser)`, and the shared ones), check
+        sonocad's optional part `extra` when the benchmark needs one, print the machine and whether it is busy;
+        the returned Bench's `args` holds the options."""
         p = argparse.ArgumentParser(prog=f"bench/{name}.py", description=doc,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         if add_arguments:
@@ -132,7 +133,12 @@ class Bench:
         p.add_argument("--smoke", action="store_true", help="run in seconds on a few synthetic phantoms, to check "
                        "that the benchmark runs (its figures then mean nothing)")
         p.add_argument("--json", metavar="OUT", help="also write every figure, the machine and the load as JSON")
-        bench = cls(name, p.parse_args(argv))
+        args = p.parse_args(argv)
+        if extra:
+            from sonocad.runtime.extras import require
+
+            require(extra, f"bench/{name}.py")
+        bench = cls(name, args)
         print(f"{name}: {describe(bench.machine)}", flush=True)
         if bench.smoke:
             import torch
@@ -229,7 +235,11 @@ def add_run_argument(p: argparse.ArgumentParser) -> None:
 
 
 def run_for(bench: Bench) -> str:
-    """The benchmark's RUN argument; a smoke run without one trains a tiny run in the temporary folder."""
+    """The benchmark's RUN argument (a smoke run without one trains a tiny run in the temporary folder), with
+    glibc's allocator tuned as the sonocad command tunes it before it loads a run."""
+    from sonocad.runtime.allocator import tune_allocator
+
+    tune_allocator()
     if bench.args.run:
         return bench.args.run
     if not bench.smoke:

@@ -22,8 +22,6 @@ from sonocad.analysis.explain import explained_views  # noqa: E402
 from sonocad.deploy.export import export_onnx  # noqa: E402
 from sonocad.evaluation.metrics import delong_auc_ci  # noqa: E402
 from sonocad.models.infer import run_batches  # noqa: E402
-from sonocad.runtime.allocator import tune_allocator  # noqa: E402
-from sonocad.runtime.extras import require  # noqa: E402
 from sonocad.workflows.evaluate import load  # noqa: E402
 
 
@@ -43,11 +41,9 @@ def best(fn, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-    bench = Bench.start("onnx_speed", __doc__, argv, add_arguments)
+    bench = Bench.start("onnx_speed", __doc__, argv, add_arguments, extra="onnx")
     a = bench.args
-    require("onnx", "bench/onnx_speed.py")
     n, repeats = (16, 1) if bench.smoke else (a.images, a.repeats)
-    tune_allocator()
     run = run_for(bench)
     files = {"onnx fp32": bench.tmp() / "m.onnx", "onnx int8": bench.tmp() / "m8.onnx"}
     if bench.smoke:                     # int8 calibration is export's slowest part; tests/test_export.py checks it

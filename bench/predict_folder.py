@@ -21,7 +21,6 @@ from sonocad.data import load_many  # noqa: E402
 from sonocad.data.discover import image_files  # noqa: E402
 from sonocad.deploy.predictor import load_predictor  # noqa: E402
 from sonocad.errors import SonocadError  # noqa: E402
-from sonocad.runtime.allocator import tune_allocator  # noqa: E402
 from sonocad.workflows.evaluate import predict_paths  # noqa: E402
 
 
@@ -34,7 +33,6 @@ def main(argv=None) -> int:
     bench = Bench.start("predict_folder", __doc__, argv, add_arguments)
     args = bench.args
     n = 12 if bench.smoke else args.images
-    tune_allocator()     # as the sonocad command does
     run = run_for(bench)
     try:
         predictor = load_predictor(run)

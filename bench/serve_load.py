@@ -15,8 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from harness import Bench, add_run_argument, copy_images, run_for  # noqa: E402  (bench/ is on sys.path)
 
-from sonocad.runtime.allocator import tune_allocator  # noqa: E402
-from sonocad.runtime.extras import require  # noqa: E402
 
 
 def add_arguments(p) -> None:
@@ -26,15 +24,13 @@ def add_arguments(p) -> None:
 
 
 def main(argv=None) -> int:
-    bench = Bench.start("serve_load", __doc__, argv, add_arguments)
+    bench = Bench.start("serve_load", __doc__, argv, add_arguments, extra="serve")
     a = bench.args
-    require("serve", "bench/serve_load.py")
     import httpx
 
     from sonocad.serve.app import create_app, serve_in_background
 
     requests, in_flight = (8, 2) if bench.smoke else (a.requests, a.in_flight)
-    tune_allocator()
     run = run_for(bench)
     url, server = serve_in_background(create_app(run))
     what = copy_images(bench, bench.tmp() / "scans", 8 if bench.smoke else 50)
