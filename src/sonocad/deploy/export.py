@@ -41,19 +41,12 @@ class _Logits(nn.Module):
         return self.model(image)
 
 
-def _need(module: str, what: str):
-    import importlib
-
-    require("onnx", what, (module,))
-    return importlib.import_module(module)
-
-
 def export_onnx(run: str | Path, out: str | Path, int8: bool = False, calibration=None,
                 n_calibration: int = 64) -> dict:
     """Write the run's model to `out` (one .onnx file, batch dimension dynamic); with `int8`, statically
     quantised, calibrated on `n_calibration` images of `calibration` (default: the run's training data)."""
     require("onnx", "ONNX export")
-    onnx = _need("onnx", "ONNX export")
+    import onnx
     out = Path(out)
     if out.suffix != ".onnx":
         raise OptionError("out", f"{out}: give a file name ending in .onnx")
@@ -134,7 +127,8 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: Path, classes: list[str], temperature: float, threads: int = 0):
         super().__init__()
-        ort = _need("onnxruntime", "the onnx engine")
+        require("onnx", "the onnx engine", ("onnxruntime",))
+        import onnxruntime as ort
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -159,7 +153,7 @@ def load_onnx(path: str | Path) -> Predictor:
 
     path = Path(path)
     require("onnx", "the onnx engine", ("onnx", "onnxruntime"))
-    onnx = _need("onnx", "the onnx engine")
+    import onnx
     try:
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     except Exception as e:
