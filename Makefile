@@ -1,15 +1,17 @@
-# Two entry points: `make demo` and `make test`. Both create .venv and install sonocad first.
+# Two entry points: `make demo` and `make test`. Both create .venv and install sonocad first, with every extra,
+# at the exact versions tested (requirements/lock.txt; pyproject.toml itself declares compatible ranges).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
 
-.PHONY: install demo test clean chromium
+.PHONY: install demo test clean chromium lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c $(LOCK) -e '.[all,test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,6 +33,10 @@ chromium:
 test: install chromium
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
+
+# The lock after a tested change of versions: what .venv holds now, sonocad itself left out.
+lock: install
+	{ head -n 2 $(LOCK); $(BIN)/pip freeze --exclude-editable; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
 
 clean:
 	rm -rf runs/demo demo_data
