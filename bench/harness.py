@@ -118,7 +118,7 @@ class Bench:
     def __init__(self, name: str, args: argparse.Namespace):
         self.name, self.args, self.smoke = name, args, bool(getattr(args, "smoke", False))
         self.machine = machine()
-        self._tmp = contextlib.ExitStack()
+        self._tmp, self._tmpdir, self._threads = contextlib.ExitStack(), None, None
         self.meter = CpuMeter()
 
     @classmethod
@@ -135,9 +135,13 @@ class Bench:
         p.add_argument("--json", metavar="OUT", help="also write every figure, the machine and the load as JSON")
         args = p.parse_args(argv)
         if extra:
+            from sonocad.errors import MissingExtra
             from sonocad.runtime.extras import require
 
-            require(extra, f"bench/{name}.py")
+            try:
+                require(extra, f"bench/{name}.py")
+            except MissingExtra as e:
+                raise SystemExit(str(e)) from None
         bench = cls(name, args)
         print(f"{name}: {describe(bench.machine)}", flush=True)
         if bench.smoke:
@@ -153,7 +157,7 @@ class Bench:
 
     def tmp(self) -> Path:
         """A temporary folder, removed when the benchmark finishes."""
-        if not hasattr(self, "_tmpdir"):
+        if self._tmpdir is None:
             self._tmpdir = Path(self._tmp.enter_context(tempfile.TemporaryDirectory(prefix=f"sonocad-{self.name}-")))
         return self._tmpdir
 
@@ -170,7 +174,7 @@ class Bench:
             Path(self.args.json).write_text(json.dumps(record, indent=1, default=str))
             print(f"figures written to {self.args.json}")
         self._tmp.close()
-        if hasattr(self, "_threads"):
+        if self._threads is not None:
             import torch
 
             torch.set_num_threads(self._threads)
