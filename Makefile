@@ -1,15 +1,17 @@
-# Two entry points: `make demo` and `make test`. Both create .venv and install sonocad first.
+# Two entry points: `make demo` and `make test`. Both create .venv and install sonocad first, with every extra,
+# at the exact versions tested (requirements/lock.txt; pyproject.toml itself declares compatible ranges).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
 
-.PHONY: install demo test clean chromium
+.PHONY: install demo test clean chromium lock gpu-check gpu-check-data
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c $(LOCK) -e '.[all,test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,5 +34,19 @@ test: install chromium
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
+# The GPU path (scripts/gpu_check.py): gpu-check-data here (60 BUSI images at most 256 px and the Lite0 weights,
+# about 21 MB, git-ignored), then gpu-check on the GPU machine with gpu-check-data carried. It runs from the source
+# tree with the machine's own Python and torch (no .venv there, no package index); without CUDA, on the CPU.
+GPU_PY ?= $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
+gpu-check-data:
+	$(BIN)/python scripts/gpu_check.py --prepare ../shared/data/busi/Dataset_BUSI_with_GT gpu-check-data
+
+gpu-check:
+	PYTHONPATH=src $(GPU_PY) scripts/gpu_check.py --out gpu-check-out
+
+# The lock after a tested change of versions: what .venv holds now, sonocad itself left out.
+lock: install
+	{ head -n 2 $(LOCK); $(BIN)/pip freeze --exclude-editable; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
+
 clean:
-	rm -rf runs/demo demo_data
+	rm -rf runs/demo demo_data gpu-check-out

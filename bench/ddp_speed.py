@@ -3,17 +3,16 @@ gloo on CPU, NCCL on GPUs), on the same synthetic 224 px images, the same global
 
     .venv/bin/python bench/ddp_speed.py                     # 1 and 2 processes on this machine's CPU cores
     .venv/bin/python bench/ddp_speed.py --procs 1 2 4 --images 256 --epochs 2
+    .venv/bin/python bench/ddp_speed.py --smoke             # 1 process, 16 images of 64 px, 1 epoch
 
 Each process gets cpu_count / N torch threads on CPU (one GPU each on CUDA). Prints images/s per setting, the
 speed-up over one process, and the machine.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,12 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.multiprocessing as mp
+from harness import ROOT, Bench  # noqa: E402  (bench/ is on sys.path when a script runs)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+# smoke: one process, this one (seconds instead of a spawn's imports; two gloo processes train in
+# tests/test_distributed.py)
+SMOKE = {"procs": [1], "images": 16, "size": 64, "batch": 8, "epochs": 1, "threads": 1, "in_process": True}
 
 
 def _worker(rank: int, world: int, port: int, a: dict, out: str) -> None:
+    sys.path.insert(0, str(ROOT / "src"))      # a spawned process: run from a checkout without installing
     from sonocad.config import TrainConfig
     from sonocad.models.classifier import create_model
     from sonocad.models.infer import InputPipeline, resolve_precision
@@ -38,7 +40,7 @@ def _worker(rank: int, world: int, port: int, a: dict, out: str) -> None:
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(a.get("threads") or max(1, (os.cpu_count() or 1) // world))
     if world > 1:
         dist.init()
     rng = np.random.default_rng(0)
@@ -69,28 +71,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap) -> None:
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=32, help="global batch (split over the processes)")
     ap.add_argument("--epochs", type=int, default=2)
-    a = vars(ap.parse_args(argv))
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    print(f"machine: {model}, {os.cpu_count()} logical CPUs, {gpu}")
-    base = None
+
+
+def main(argv=None) -> int:
+    bench = Bench.start("ddp_speed", __doc__, argv, add_arguments)
+    a = {**vars(bench.args), **(SMOKE if bench.smoke else {})}
+    base, rates = None, {}
     for n in a["procs"]:
         with tempfile.TemporaryDirectory() as tmp:
-            mp.spawn(_worker, args=(n, _free_port(), a, tmp), nprocs=n, join=True)
+            if a.get("in_process"):
+                saved = dict(os.environ)
+                try:
+                    _worker(0, 1, _free_port(), a, tmp)
+                finally:
+                    os.environ.clear()
+                    os.environ.update(saved)
+            else:
+                mp.spawn(_worker, args=(n, _free_port(), a, tmp), nprocs=n, join=True)
             r = json.loads(Path(tmp, "result.json").read_text())
         rate = a["images"] * a["epochs"] / r["seconds"]
         base = base or rate
+        rates[n] = rate
         print(f"{n} process(es): {rate:.1f} images/s of phase-2 training (incl. validation of 8 images per epoch), "
               f"{r['precision']}, global batch {a['batch']}, speed-up {rate / base:.2f}x")
-    return 0
+    return bench.finish({f"images_per_s_{n}_procs": v for n, v in rates.items()},
+                        {"speedup": {n: v / base for n, v in rates.items()}, "settings": a})
 
 
 if __name__ == "__main__":

@@ -6,20 +6,17 @@ pairs of BUS-BRA images of different patients. Prints a summary; --json writes t
 
     .venv/bin/python bench/dedup_calibrate.py ../shared/data/busi/Dataset_BUSI_with_GT \\
         ../shared/data/busbra/BUSBRA --json calib.json
+    .venv/bin/python bench/dedup_calibrate.py --smoke    # two stand-in sites of 32 phantoms, light settings
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))   # run from a checkout without installing
+from harness import Bench, fake_sites  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 from sonocad.data.discover import discover, read_busbra  # noqa: E402
 from sonocad.data.images import load_gray  # noqa: E402
@@ -38,7 +35,6 @@ from sonocad.dedup import (  # noqa: E402
     summarize,
 )
 from sonocad.errors import SonocadError  # noqa: E402
-from sonocad.io.files import atomic_write_text  # noqa: E402
 
 # bus_0056-l and bus_0091-l are one frame with other calipers and text (checked by eye), so BUS-BRA
 # cases 56 and 91 count as one patient: that pair is a duplicate, not a negative.
@@ -163,18 +159,24 @@ def calibrate(busi: str, busbra: str, seed: int = 0, progress: bool = True,
     return report
 
 
+def add_arguments(ap) -> None:
+    ap.add_argument("busi", nargs="?", help="BUSI folder (class folders)")
+    ap.add_argument("busbra", nargs="?", help="BUS-BRA folder (bus_data.csv and Images/)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the planted copies")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python bench/dedup_calibrate.py BUSI BUSBRA [--seed 0] [--json OUT]`."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("busi", help="BUSI folder (class folders)")
-    ap.add_argument("busbra", help="BUS-BRA folder (bus_data.csv and Images/)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the planted copies")
-    ap.add_argument("--json", help="write the full report (all groups and pairs) here")
-    a = ap.parse_args(argv)
+    bench = Bench.start("dedup_calibrate", __doc__, argv, add_arguments)
+    a, settings = bench.args, DEFAULT
+    if bench.smoke:
+        root = fake_sites(bench.tmp())
+        a.busi, a.busbra = str(root / "busi" / "Dataset_BUSI_with_GT"), str(root / "busbra" / "BUSBRA")
+        settings = replace(DEFAULT, embed_size=32, thumb=32, scales=(1.0, 0.8), neighbours=3)
+    elif not (a.busi and a.busbra):
+        raise SystemExit("bench/dedup_calibrate.py: give the BUSI and BUS-BRA folders (or --smoke)")
     try:
-        out = calibrate(a.busi, a.busbra, a.seed)
-        if a.json:
-            atomic_write_text(a.json, json.dumps(out, indent=1))
+        out = calibrate(a.busi, a.busbra, a.seed, progress=not bench.smoke, settings=settings)
     except SonocadError as e:
         print(f"error: {e}")
         return 2
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return {k: brief(v) if isinstance(v, dict) else v for k, v in d.items() if not str(k).startswith("all_")}
 
     print(json.dumps(brief(out), indent=1, default=str))
-    return 0
+    return bench.finish({"proposed_" + d: t for d, t in out["proposed"].items()}, out)
 
 
 if __name__ == "__main__":

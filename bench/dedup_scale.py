@@ -10,10 +10,10 @@ peak RSS is its own: "indexed" (DedupSettings.exact_below = 0) and, up to --all-
 the share of copies grouped with their original; false links: linked pairs of different phantoms.
 
     .venv/bin/python bench/dedup_scale.py --sizes 1000 10000 100000 --json scale.json
+    .venv/bin/python bench/dedup_scale.py --smoke       # 40 phantoms of 32 px, both searches
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -22,22 +22,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))   # run from a checkout without installing
+from harness import ROOT, Bench  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 COPY_EVERY = 10   # one image in ten is a planted copy
-
-
-def machine() -> str:
-    """The CPU's model name (lscpu) and the number of cores."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        import platform
-        name = platform.processor() or "unknown CPU"
-    return f"{name}, {os.cpu_count()} cores"
+SMOKE = {"sizes": [40], "all_pairs_up_to": 40, "image_size": 32, "embed_size": 32, "thumb": 32, "scales": 2,
+         "threads": 1, "batch": 40}
 
 
 def phantoms(n: int, size: int, cache: Path) -> np.ndarray:
@@ -71,8 +60,8 @@ def synthetic_set(n: int, size: int, cache: Path) -> tuple[list, np.ndarray, lis
     return list(orig) + copies, np.r_[np.arange(n - c), np.arange(c)], kinds
 
 
-def timed(module, name: str, spent: dict) -> None:
-    """Replace module.name by a wrapper that adds its wall time to spent[name]."""
+def timed(module, name: str, spent: dict):
+    """Replace module.name by a wrapper that adds its wall time to spent[name]; returns what puts it back."""
     inner = getattr(module, name)
 
     def wrapper(*args, **kwargs):
@@ -82,6 +71,7 @@ def timed(module, name: str, spent: dict) -> None:
         finally:
             spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
     setattr(module, name, wrapper)
+    return lambda: setattr(module, name, inner)
 
 
 def peak_rss_gib() -> float:
@@ -147,14 +137,17 @@ def child(job: dict) -> dict:
     images, origin, kinds = synthetic_set(job["n"], job["image_size"], Path(job["cache"]))
     spent = {"plant": time.perf_counter() - t}
     rss_before = peak_rss_gib()
-    timed(sonocad.dedup.embed, "embed_images", spent)
-    for name in ("candidate_pairs", "match_scores", "phash_pairs"):
-        timed(sonocad.dedup.group, name, spent)
-    t = time.perf_counter()
-    feats = compute_features(images, settings, batch_size=job["batch"])
-    spent["features"] = time.perf_counter() - t
-    res = group_features(feats, None, settings)
-    spent["search"] = time.perf_counter() - t - spent["features"]
+    restore = [timed(sonocad.dedup.embed, "embed_images", spent)]
+    restore += [timed(sonocad.dedup.group, name, spent) for name in ("candidate_pairs", "match_scores", "phash_pairs")]
+    try:
+        t = time.perf_counter()
+        feats = compute_features(images, settings, batch_size=job["batch"])
+        spent["features"] = time.perf_counter() - t
+        res = group_features(feats, None, settings)
+        spent["search"] = time.perf_counter() - t - spent["features"]
+    finally:
+        for undo in restore:
+            undo()
     spent["total"] = time.perf_counter() - t
     n, c = len(images), len(kinds)
     grouped = np.array([res.group[n - c + i] == res.group[i] for i in range(c)])
@@ -177,8 +170,10 @@ def child(job: dict) -> dict:
 
 
 def run_child(job: dict) -> dict:
-    env = dict(os.environ, **{v: str(job["threads"]) for v in
-                              ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
+    if job["in_process"]:        # smoke runs: no process of its own (its peak RSS is then not its own)
+        return child(job)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+               **{v: str(job["threads"]) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], env=env,
                           capture_output=True, text=True)
     if done.returncode:
@@ -195,8 +190,9 @@ def row(r: dict) -> str:
             f"{r.get('same_links', ''):>6}")
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(ap) -> None:
+    import argparse
+
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     ap.add_argument("--all-pairs-up-to", type=int, default=10000, help="largest size also searched by all pairs")
@@ -210,18 +206,23 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch, BLAS and OpenMP threads")
     ap.add_argument("--compare-ann", action="store_true", help="time faiss and hnswlib (if installed) too")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "sonocad" / "dedup_scale"))
-    ap.add_argument("--json", help="write all figures here")
-    a = ap.parse_args(argv)
-    if a.child:
-        print(json.dumps(child(json.loads(a.child))))
-        return
+
+
+def main(argv=None) -> int:
+    if argv is None and "--child" in sys.argv:          # one search, in a process of its own
+        print(json.dumps(child(json.loads(sys.argv[sys.argv.index("--child") + 1]))))
+        return 0
+    bench = Bench.start("dedup_scale", __doc__, argv, add_arguments)
+    a = bench.args
+    if bench.smoke:
+        vars(a).update(SMOKE, cache=str(bench.tmp() / "cache"))
     settings = {} if a.default_settings else {
         "embed_size": a.embed_size, "thumb": a.thumb, "neighbours": a.neighbours,
         "scales": [round(float(s), 4) for s in 0.66 ** (np.arange(a.scales) / max(1, a.scales - 1))]}
-    print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}; threads {a.threads}")
+    print(f"load average {os.getloadavg()[0]:.1f}; threads {a.threads}")
     print(f"settings: {settings or 'DedupSettings()'}; phantoms of {a.image_size} px; one image in "
           f"{COPY_EVERY} a planted copy")
-    report = {"machine": machine(), "argv": sys.argv[1:], "runs": [], "generate_s": {}}
+    report = {"runs": [], "generate_s": {}}
     header = (f"{'images':>7} {'search':<9} {'total s':>7} {'decode':>7} {'embed':>7} {'cands':>7} {'phash':>6} "
               f"{'match':>7} {'RSS GiB':>6} {'recall':>7} {'pairs':>6} {'false':>6} {'links':>7} {'same':>6}")
     print(header)
@@ -234,7 +235,7 @@ def main(argv=None) -> None:
             job = {"n": n, "method": method, "image_size": a.image_size, "cache": a.cache, "batch": a.batch,
                    "threads": a.threads, "pairs": str(Path(a.cache) / f"links_{n}_{method[0]}.npy"),
                    "settings": dict(settings, exact_below=0 if method == "indexed" else n + 1),
-                   "compare_ann": a.compare_ann and method == "indexed"}
+                   "compare_ann": a.compare_ann and method == "indexed", "in_process": bench.smoke}
             r = run_child(job)
             found[method] = {tuple(p) for p in np.load(job["pairs"]).tolist()}
             if method == "all pairs":
@@ -247,9 +248,10 @@ def main(argv=None) -> None:
           "cands = neighbour search; phash = pHash pairs; match = cross-correlation. recall: copies grouped "
           "with their original; pairs: copies linked to it directly; same: links also found by the indexed search")
     print(f"phantoms generated (s, cached for later runs): {report['generate_s']}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=1))
+    summary = {f"{r['n']}_{r['method'].replace(' ', '_')}_{k}": v for r in report["runs"]
+               for k, v in (("seconds", r["seconds"]["total"]), ("recall", r["recall"]), ("false_links", r["false_links"]))}
+    return bench.finish(summary, report)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

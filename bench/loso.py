@@ -28,20 +28,21 @@ default with --init), AUC on the three parts against the ImageNet arm.
     .venv/bin/python bench/loso.py calibration busbra --init runs/busi
     .venv/bin/python bench/loso.py learning busbra --init runs/busi --sizes 100 --arms imagenet no-averaging
     .venv/bin/python bench/loso.py weight-averaging busbra --init runs/busi --sizes 100
+    .venv/bin/python bench/loso.py learning busbra --smoke     # seconds: stand-in sites of phantoms, a tiny init
+
+--smoke runs an experiment on two stand-in sites of 32 phantoms each (bench/harness.py fake_sites) with a tiny
+init run and one-epoch training; with --work DIR the stand-ins are kept there and reused, so that learning
+(--arms imagenet no-averaging), then weight-averaging, can run on the same work folder.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
 import numpy as np  # noqa: E402
+from harness import ROOT, SHARED, SMOKE_TRAINING, Bench, fake_sites, tiny_run  # noqa: E402  (bench/ on sys.path)
 from scipy import stats  # noqa: E402
 from scipy.special import expit  # noqa: E402
 from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
@@ -57,7 +58,6 @@ from sonocad.training.optim import average_with_init  # noqa: E402
 from sonocad.training.prepare import decode_task, find_task  # noqa: E402
 from sonocad.workflows.train import fit  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data"
 CLASSES = ["benign", "malignant"]
 # Fine-tuning recipes compared: the train options each arm adds to sonocad's default recipe; "imagenet" alone
 # starts from ImageNet weights, the others from --init.
@@ -110,11 +110,11 @@ THRESHOLD_RULES = {
 }
 
 
-def target_split(site: str) -> tuple[list[dict], list[dict]]:
-    """(local pool, test) rows of the target site; each row path, label, group. BUS-BRA: official folds 1 and 2;
-    BUSI: two halves of its duplicate groups."""
+def target_split(site: str, shared: Path = SHARED) -> tuple[list[dict], list[dict]]:
+    """(local pool, test) rows of the target site under `shared`; each row path, label, group. BUS-BRA: official
+    folds 1 and 2; BUSI: two halves of its duplicate groups."""
     if site == "busbra":
-        root = SHARED / "busbra" / "BUSBRA"
+        root = shared / "busbra" / "BUSBRA"
         with open(root / "5-fold-cv.csv", newline="", encoding="utf-8-sig") as f:
             fold = {r["ID"]: int(r["kFold"]) for r in csv.DictReader(f)}
         with open(root / "bus_data.csv", newline="", encoding="utf-8-sig") as f:
@@ -122,7 +122,7 @@ def target_split(site: str) -> tuple[list[dict], list[dict]]:
                      "fold": fold[r["ID"]]} for r in csv.DictReader(f)]
         return [r for r in rows if r["fold"] == 1], [r for r in rows if r["fold"] == 2]
     cfg = TrainConfig(classes=CLASSES)
-    prepared = decode_task(find_task(str(SHARED / "busi" / "Dataset_BUSI_with_GT"), cfg), cfg, progress=False)
+    prepared = decode_task(find_task(str(shared / "busi" / "Dataset_BUSI_with_GT"), cfg), cfg, progress=False)
     full = prepared.full
     rows = [{"path": s.path, "label": s.label, "group": f"g{g}"} for s, g in zip(full.samples, group_ids(full.groups))]
     y = np.asarray([r["label"] == "malignant" for r in rows])
@@ -204,7 +204,7 @@ def init_logits(predictor: Predictor, rows: list[dict]) -> np.ndarray:
 
 
 def learning(a) -> dict:
-    pool, test = target_split(a.site)
+    pool, test = target_split(a.site, a.data)
     work = Path(a.work) / f"learning-{a.site}"
     # the init model alone, no local training: the reference every fine-tuning arm should pass
     alone = dict(zip([r["path"] for r in pool + test], init_logits(Predictor.load(a.init), pool + test)))
@@ -235,7 +235,7 @@ def learning(a) -> dict:
                 if not _finished_from(out, init, a.model, RECIPES[name]):   # interrupted, or set otherwise: trained again
                     fit(str(local_csv), out, test_data=str(test_csv), progress=False, classes=CLASSES, seed=seed,
                         init=init, dedup=False, overwrite=out.exists(), model=a.model,
-                        **RECIPES[name])
+                        **{**a.training, **RECIPES[name]})
                 seconds = json.loads((out / "metrics.json").read_text()).get("timing_seconds", {}).get("total")
                 probs[name] = scored(_prediction_rows(out), parts)
                 arm[name] = {"seconds": seconds}
@@ -268,7 +268,7 @@ def weight_averaging(a) -> dict:
     """WiSE-FT on the `learning` runs in --work: each no-averaging arm's fine-tuned weights averaged with the init's
     (share `alpha` of the init; 0 is the arm as trained, 1 the init alone); AUC on the three parts, each share
     compared with the ImageNet arm as `learning` compares its arms."""
-    pool, test = target_split(a.site)
+    pool, test = target_split(a.site, a.data)
     rows = pool + test
     paths = np.asarray([r["path"] for r in rows])
     y = np.asarray([r["label"] == "malignant" for r in rows], int)
@@ -327,7 +327,7 @@ def weight_averaging(a) -> dict:
 
 
 def calibration(a) -> dict:
-    pool, test = target_split(a.site)
+    pool, test = target_split(a.site, a.data)
     predictor = Predictor.load(a.init)
     info = predictor.info
     zp, zt = init_logits(predictor, pool), init_logits(predictor, test)
@@ -391,11 +391,13 @@ def results_path(a) -> Path:
     return path
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+SMOKE = {"sizes": [12], "seeds": [0], "local_sizes": [8], "draws": 5}
+
+
+def add_arguments(ap) -> None:
     ap.add_argument("experiment", choices=list(EXPERIMENTS))
     ap.add_argument("site", choices=["busbra", "busi"], help="the target site")
-    ap.add_argument("--init", required=True, help="a run trained on the other site")
+    ap.add_argument("--init", help="a run trained on the other site (required; --smoke trains a tiny one)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 200])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", choices=sorted(RECIPES), default=["imagenet", "ultrasound"])
@@ -405,9 +407,25 @@ def main(argv=None) -> int:
     ap.add_argument("--local-sizes", type=int, nargs="+", default=[20, 40, 80])
     ap.add_argument("--draws", type=int, default=200)
     ap.add_argument("--rules", nargs="+", choices=list(THRESHOLD_RULES), default=list(THRESHOLD_RULES))
-    ap.add_argument("--work", default=str(ROOT / "runs" / "loso"))
-    a = ap.parse_args(argv)
+    ap.add_argument("--work", help="where the runs and results go (default runs/loso; --smoke: a temporary folder)")
+    ap.add_argument("--data", type=Path, default=SHARED, help="the folder of the two sites, busi/ and busbra/ "
+                    "(default ../shared/data)")
+
+
+def main(argv=None) -> int:
+    bench = Bench.start("loso", __doc__, argv, add_arguments)
+    a = bench.args
     a.rules = list(dict.fromkeys(a.rules))
+    a.training = {}
+    if bench.smoke:
+        work = Path(a.work or bench.tmp())
+        training = {k: v for k, v in SMOKE_TRAINING.items() if k != "dedup"}     # the arms train without it anyway
+        vars(a).update(SMOKE, work=str(work), data=fake_sites(work, n=48), training=training)
+        other = {"busbra": "busi/Dataset_BUSI_with_GT", "busi": "busbra/BUSBRA"}[a.site]
+        a.init = a.init or str(tiny_run(work / f"init-{a.site}", a.data / other))
+    elif not a.init:
+        raise SystemExit("bench/loso.py: --init RUN is required")
+    a.work = a.work or str(ROOT / "runs" / "loso")
     t0 = time.perf_counter()
     res = EXPERIMENTS[a.experiment](a)
     res["seconds"] = round(time.perf_counter() - t0)
@@ -415,7 +433,7 @@ def main(argv=None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1, default=float))
     print(f"wrote {path} ({res['seconds']} s)")
-    return 0
+    return bench.finish({"results": str(path), "seconds": res["seconds"]})
 
 
 if __name__ == "__main__":

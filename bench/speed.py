@@ -5,17 +5,14 @@ synthetic phantoms when ../shared is absent) and reports images/s, the model's a
 fraction of a bf16 / fp32 matmul peak measured in the same run, and the phase-1 feature-caching effect.
 The last line is always `speedup train=X.XX infer=Y.YY`.
 
-    .venv/bin/python bench/speed.py                       # ~2 minutes on 2 idle cores
+    .venv/bin/python bench/speed.py                       # ~3 minutes on 2 idle cores
     .venv/bin/python bench/speed.py --images 64 --head-epochs 2 --json speed.json
     .venv/bin/python bench/speed.py --auc                 # + AUC bf16 vs fp32 on BUSI (long: 10+ min)
+    .venv/bin/python bench/speed.py --smoke               # seconds, on 16 phantoms of 64 px: does it run?
 """
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,11 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cpumeter import CpuMeter  # noqa: E402  (bench/ is on sys.path when a script runs)
+from harness import CLASSES, Bench, image_source  # noqa: E402  (bench/ is on sys.path when a script runs)
 from torch import nn
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))   # run from a checkout without installing
 
 from sonocad.config import TrainConfig  # noqa: E402
 from sonocad.data import discover, load_many  # noqa: E402
@@ -39,23 +33,12 @@ from sonocad.training.prepare import Split  # noqa: E402
 from sonocad.training.starting import build_model  # noqa: E402
 from sonocad.training.trainer import Trainer  # noqa: E402
 
-BUSI = ROOT.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
-CLASSES = ["benign", "malignant"]
 MODEL = "tf_efficientnet_lite0"
+SMOKE = {"images": 16, "size": 64, "batch": 8, "infer_batch": 8, "warmup": 1, "steps": 1, "infer_reps": 1, "head_epochs": 1,
+         "matmul_size": 128, "matmul_reps": 1}
 
 
 # -- data ------------------------------------------------------------------------------------------
-def dataset_dir(tmp: Path) -> tuple[Path, str]:
-    """BUSI if present, else a synthetic phantom set written into `tmp`."""
-    if BUSI.is_dir():
-        return BUSI, "BUSI benign+malignant"
-    from sonocad.data.synth import write_phantom_set
-
-    print(f"note: {BUSI} not found; using synthetic phantoms (sonocad.data.synth) instead of BUSI")
-    write_phantom_set(tmp / "phantoms", n=240, seed=0, size=256)
-    return tmp / "phantoms", "synthetic phantoms"
-
-
 def load_images(root: Path, n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """`n` images of both classes (a seeded random subset, classes in their dataset proportion), decoded
     once into uint8 (n, size, size); cycled if the dataset has fewer than `n`."""
@@ -135,7 +118,7 @@ def sonocad_train(images, y, args, precision):
     """Phase 2 of the default recipe, step for step as Trainer.phase_finetune: top 2 blocks + head,
     frozen BatchNorm, on-the-fly augmentation of cached uint8 images, bf16 autocast, channels_last, the
     moving average of the weights updated after every step."""
-    cfg = TrainConfig.from_recipe("default")
+    cfg = TrainConfig.from_recipe("default", **({"batch_size": args.batch} if args.batch else {}))
     _, mean, std = input_config(cfg.model)
     model = build_model(cfg, 2, precision)
     set_trainable(model, cfg.unfreeze)
@@ -178,20 +161,21 @@ def sonocad_train(images, y, args, precision):
 
 def sonocad_infer(model, images, pipeline, args):
     """As evaluate/predict run a model: BatchNorm folded into the convolutions, bf16, batches of 64."""
+    bs = args.infer_batch
     t0 = time.perf_counter()
     model = fold_batchnorm(model)
     fold_seconds = time.perf_counter() - t0
-    run_batches(model, images[:64], pipeline, batch_size=64)    # warm-up
+    run_batches(model, images[:bs], pipeline, batch_size=bs)    # warm-up
     sizes, times = [], []
     for _ in range(max(1, args.infer_reps)):
-        for i in range(0, len(images), 64):     # run_batches one batch at a time, to time each
+        for i in range(0, len(images), bs):     # run_batches one batch at a time, to time each
             t0 = time.perf_counter()
-            run_batches(model, images[i:i + 64], pipeline, batch_size=64)
+            run_batches(model, images[i:i + bs], pipeline, batch_size=bs)
             times.append(time.perf_counter() - t0)
-            sizes.append(len(images[i:i + 64]))
+            sizes.append(len(images[i:i + bs]))
     flops = count_flops(model, pipeline(images[:2]).float(), backward=False)
     return {**rates(sizes, times), "gflop_per_image": flops / 1e9, "fold_batchnorm_seconds": fold_seconds,
-            "batch": 64, "precision": pipeline.precision.name}
+            "batch": bs, "precision": pipeline.precision.name}
 
 
 def phase1_caching(images, y, args, precision, tmp: Path) -> dict:
@@ -206,7 +190,7 @@ def phase1_caching(images, y, args, precision, tmp: Path) -> dict:
     val = Split(images[val_idx], y[val_idx], [None] * len(val_idx))
     out = {}
     for cached in (True, False):
-        cfg = TrainConfig.from_recipe("default", head_epochs=args.head_epochs, patience=10 ** 6,
+        cfg = TrainConfig.from_recipe("default", head_epochs=args.head_epochs, patience=10_000,   # no early stop
                                       cache_features=cached, unfreeze="0")
         torch.manual_seed(0)
         model = build_model(cfg, 2, precision)
@@ -238,11 +222,11 @@ class PILDataset(torch.utils.data.Dataset):
         return self.transform(self.images[i].convert("RGB")), float(self.y[i])
 
 
-def plain_transforms(model, train: bool):
+def plain_transforms(model, train: bool, size: int):
     from torchvision import transforms as T
 
     cfg = model.pretrained_cfg
-    aug = [T.RandomHorizontalFlip(), T.RandomRotation(10), T.RandomResizedCrop(224, scale=(0.8, 1.0)),
+    aug = [T.RandomHorizontalFlip(), T.RandomRotation(10), T.RandomResizedCrop(size, scale=(0.8, 1.0)),
            T.ColorJitter(brightness=0.2, contrast=0.2)] if train else []
     return T.Compose(aug + [T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])])
 
@@ -254,8 +238,9 @@ def plain_train(images, y, args):
 
     torch.manual_seed(0)
     model = timm.create_model(MODEL, num_classes=1)
-    loader = torch.utils.data.DataLoader(PILDataset(images, y, plain_transforms(model, True)), batch_size=32,
-                                         shuffle=True, num_workers=0, drop_last=True)
+    bs = args.batch or 32
+    loader = torch.utils.data.DataLoader(PILDataset(images, y, plain_transforms(model, True, images.shape[-1])),
+                                         batch_size=bs, shuffle=True, num_workers=0, drop_last=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = nn.BCEWithLogitsLoss()
     model.train()
@@ -270,15 +255,15 @@ def plain_train(images, y, args):
 
     times = timed_steps(step, args.warmup, args.steps)
     flops = count_flops(model, next(it)[0][:2], backward=True)
-    return model, {**rates([32] * len(times), times), "gflop_per_image": flops / 1e9,
-                   "batch": 32, "precision": "fp32",
+    return model, {**rates([bs] * len(times), times), "gflop_per_image": flops / 1e9,
+                   "batch": bs, "precision": "fp32",
                    "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def plain_infer(model, images, y, args):
     model.eval()
-    loader = torch.utils.data.DataLoader(PILDataset(images, y, plain_transforms(model, False)), batch_size=64,
-                                         num_workers=0)
+    loader = torch.utils.data.DataLoader(PILDataset(images, y, plain_transforms(model, False, images.shape[-1])),
+                                         batch_size=args.infer_batch, num_workers=0)
 
     sizes, times = [], []
 
@@ -303,7 +288,7 @@ def plain_infer(model, images, y, args):
         one_pass()
     flops = count_flops(model, next(iter(loader))[0][:2], backward=False)
     return {**rates(sizes, times), "gflop_per_image": flops / 1e9,
-            "batch": 64, "precision": "fp32"}
+            "batch": args.infer_batch, "precision": "fp32"}
 
 
 # -- AUC parity (opt-in) ---------------------------------------------------------------------------
@@ -331,23 +316,14 @@ def auc_parity(data: Path, args) -> dict:
     return res
 
 
-# -- report ----------------------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+# -- main ------------------------------------------------------------------------------------------
+def add_arguments(p) -> None:
     p.add_argument("--images", type=int, default=256, help="images to benchmark on (default 256)")
+    p.add_argument("--size", type=int, default=224, help="their input size in px (default 224, the recipe's)")
+    p.add_argument("--batch", type=int, help="training batch (default: the recipe's 32)")
+    p.add_argument("--infer-batch", type=int, default=64, help="inference batch (default 64)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first (default 2)")
-    p.add_argument("--steps", type=int, default=8, help="timed training steps of batch 32 (default 8)")
+    p.add_argument("--steps", type=int, default=8, help="timed training steps (default 8)")
     p.add_argument("--infer-reps", type=int, default=2, help="timed inference passes over the images (default 2)")
     p.add_argument("--head-epochs", type=int, default=10,
                    help="phase-1 epochs for the caching comparison (default 10; the recipe uses 60)")
@@ -357,55 +333,56 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tune-allocator", action="store_true",
                    help="leave glibc's allocator as it is for sonocad too (see sonocad.runtime.allocator.tune_allocator)")
-    p.add_argument("--json", metavar="OUT", help="also write all figures as JSON")
     p.add_argument("--auc", action="store_true", help="also train the default recipe in bf16 and fp32 on "
                    "the same split and compare test AUCs (long)")
     p.add_argument("--auc-img-size", type=int, help="input size for --auc (quick checks only)")
     p.add_argument("--auc-epochs", type=int, help="head and finetune epochs for --auc (quick checks only)")
-    args = p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    bench = Bench.start("speed", __doc__, argv, add_arguments)
+    args = bench.args
+    if bench.smoke:
+        vars(args).update(SMOKE)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     precision = resolve_precision("auto")
-    meter = CpuMeter()
-    with tempfile.TemporaryDirectory(prefix="sonocad-speed-") as tmpdir:
-        tmp = Path(tmpdir)
-        data, data_name = dataset_dir(tmp)
-        t0 = time.perf_counter()
-        images, y = load_images(data, args.images, 224, args.seed)
-        t_decode = time.perf_counter() - t0
+    tmp = bench.tmp()
+    data, data_name = image_source(bench)
+    t0 = time.perf_counter()
+    images, y = load_images(data, args.images, args.size, args.seed)
+    t_decode = time.perf_counter() - t0
 
-        print(f"sonocad speed benchmark: {len(images)} {data_name} images at 224 px "
-              f"({int(y.sum())} malignant), decoded once in {t_decode:.1f} s")
-        print(f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads, fast bf16: {cpu_has_fast_bf16()}; "
-              f"torch {torch.__version__}; precision auto -> {precision.name}"
-              f"{' + channels_last' if precision.channels_last else ''}")
-        print(f"machine check: {CpuMeter.busy_now()}")
-        if precision.dtype is None:
-            print("note: this CPU has no native bf16, so sonocad's recipe runs in fp32 here")
+    print(f"sonocad speed benchmark: {len(images)} {data_name} images at {args.size} px "
+          f"({int(y.sum())} malignant), decoded once in {t_decode:.1f} s")
+    print(f"fast bf16: {cpu_has_fast_bf16()}; precision auto -> {precision.name}"
+          f"{' + channels_last' if precision.channels_last else ''}")
+    if precision.dtype is None:
+        print("note: this CPU has no native bf16, so sonocad's recipe runs in fp32 here")
 
-        print(f"measuring matmul peak ({args.matmul_size}^3, best of {args.matmul_reps}) ...", flush=True)
-        peak = {"bf16": matmul_peak(args.matmul_size, torch.bfloat16, args.matmul_reps),
-                "fp32": matmul_peak(args.matmul_size, torch.float32, args.matmul_reps)}
-        # the plain loop first, in the process as Python starts it; then sonocad, which (as the sonocad
-        # command does) switches glibc's allocator to keeping freed memory (allocator.tune_allocator)
-        print("measuring plain fp32 training and inference ...", flush=True)
-        p_model, p_train = plain_train(images, y, args)
-        p_infer = plain_infer(p_model, images, y, args)
-        del p_model
-        allocator = tune_allocator() if not args.no_tune_allocator else False
-        print(f"measuring sonocad training and inference (allocator tuned: {allocator}) ...", flush=True)
-        s_model, s_pipe, s_train = sonocad_train(images, y, args, precision)
-        s_infer = sonocad_infer(s_model, images, s_pipe, args)
-        del s_model
-        print(f"measuring phase 1: {args.head_epochs} head epochs, cached features vs. backbone every epoch ...",
-              flush=True)
-        phase1 = phase1_caching(images, y, args, precision, tmp)
+    print(f"measuring matmul peak ({args.matmul_size}^3, best of {args.matmul_reps}) ...", flush=True)
+    peak = {"bf16": matmul_peak(args.matmul_size, torch.bfloat16, args.matmul_reps),
+            "fp32": matmul_peak(args.matmul_size, torch.float32, args.matmul_reps)}
+    # the plain loop first, in the process as Python starts it; then sonocad, which (as the sonocad
+    # command does) switches glibc's allocator to keeping freed memory (allocator.tune_allocator)
+    print("measuring plain fp32 training and inference ...", flush=True)
+    p_model, p_train = plain_train(images, y, args)
+    p_infer = plain_infer(p_model, images, y, args)
+    del p_model
+    allocator = tune_allocator() if not args.no_tune_allocator else False
+    print(f"measuring sonocad training and inference (allocator tuned: {allocator}) ...", flush=True)
+    s_model, s_pipe, s_train = sonocad_train(images, y, args, precision)
+    s_infer = sonocad_infer(s_model, images, s_pipe, args)
+    del s_model
+    print(f"measuring phase 1: {args.head_epochs} head epochs, cached features vs. backbone every epoch ...",
+          flush=True)
+    phase1 = phase1_caching(images, y, args, precision, tmp)
 
     rows = [("train", "sonocad default (bf16, top 2 blocks)", s_train),
             ("train", "plain timm fp32 (all layers)", p_train),
-            ("infer", "sonocad predict path (BN folded, bf16, batch 64)", s_infer),
-            ("infer", "plain timm fp32 eval (batch 64)", p_infer)]
+            ("infer", f"sonocad predict path (BN folded, bf16, batch {args.infer_batch})", s_infer),
+            ("infer", f"plain timm fp32 eval (batch {args.infer_batch})", p_infer)]
     print()
     print(f"matmul peak: bf16 {peak['bf16']:.3f} TFLOP/s, fp32 {peak['fp32']:.3f} TFLOP/s "
           f"(bf16/fp32 = {peak['bf16'] / peak['fp32']:.2f})")
@@ -441,38 +418,33 @@ def main(argv=None) -> int:
         phase1["extrapolated_60"] = {"cached": est_c, "uncached": est_u}
         print(f"  extrapolated to the recipe's 60 epochs (median epoch x 60): cached {est_c:.0f} s, "
               f"uncached {est_u:.0f} s ({est_u / est_c:.2f}x)")
-    load = meter.report()
-    print()
-    print(CpuMeter.describe(load))
     print()
     print(f"ratios (sonocad / plain), median steps: training {speed_train:.2f}x, inference {speed_infer:.2f}x; "
           f"best steps: training {best_train:.2f}x, inference {best_infer:.2f}x")
 
-    result = {"machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "fast_bf16": cpu_has_fast_bf16(), "precision_auto": precision.name},
+    result = {"fast_bf16": cpu_has_fast_bf16(), "precision_auto": precision.name,
               "data": {"source": data_name, "images": len(images), "malignant": int(y.sum()),
                        "decode_seconds": t_decode},
-              "args": vars(args), "matmul_peak_tflops": peak,
+              "matmul_peak_tflops": peak,
               "train": {"sonocad": s_train, "plain": p_train}, "infer": {"sonocad": s_infer, "plain": p_infer},
-              "phase1": phase1, "load": load, "allocator_tuned": allocator,
+              "phase1": phase1, "allocator_tuned": allocator,
               "speedup": {"train": speed_train, "infer": speed_infer,
                           "train_best": best_train, "infer_best": best_infer}}
     if args.auc:
         print()
         print("AUC parity: default recipe, bf16 vs fp32, same seed and split (sonocad.workflows.train.fit) ...", flush=True)
-        with tempfile.TemporaryDirectory(prefix="sonocad-auc-data-") as d:
-            result["auc"] = auc_parity(dataset_dir(Path(d))[0], args)
+        result["auc"] = auc_parity(data, args)
         a = result["auc"]
         print(f"  test AUC bf16 {a['bf16']['auc']:.4f}, fp32 {a['fp32']['auc']:.4f}, difference "
               f"{a['difference']:+.4f} ({'within' if a['within_0.01'] else 'NOT within'} 0.01)")
         if a["overrides"]:
             print(f"  note: quick-check settings {a['overrides']}, not the recipe: this difference says nothing "
                   "about parity; run --auc without them")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
-        print(f"figures written to {args.json}")
-    print(f"speedup train={speed_train:.2f} infer={speed_infer:.2f}")
-    return 0
+    summary = {f"{kind}_{who}_images_per_s": r["images_per_s"]
+               for kind, pair in (("train", (s_train, p_train)), ("infer", (s_infer, p_infer)))
+               for who, r in zip(("sonocad", "plain"), pair)}
+    summary.update(speedup_train=speed_train, speedup_infer=speed_infer)
+    return bench.finish(summary, result, headline=f"speedup train={speed_train:.2f} infer={speed_infer:.2f}")
 
 
 if __name__ == "__main__":

@@ -30,5 +30,14 @@ class OptionError(SonocadError):
         return "--" + self.option.replace("_", "-")
 
 
+class MissingExtra(SonocadError):
+    """An optional part of sonocad (an extra: serve, onnx, dicom, faiss) is not installed. Raised before any work;
+    code that turns bad images into warnings (--skip-bad) lets it through, since every file would fail alike."""
+
+    def __init__(self, extra: str, message: str):
+        super().__init__(message)
+        self.extra = extra
+
+
 class SonocadWarning(UserWarning):
     """Something the user should know that does not stop the command (the CLI prints it as one line)."""

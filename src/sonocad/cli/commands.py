@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import OptionError, SonocadError
 from ..runtime.console import print_explanation, print_fold_points, print_metrics, warn_bad
+from ..runtime.extras import require
 
 _TRAINING: list[Path] = []     # the run being trained, for the message on Ctrl-C
 
@@ -99,8 +100,16 @@ def print_readers(m: dict) -> None:
               f"{r['model_sensitivity_at_reader_specificity']:.3f}")
 
 
+def _need_onnx_engine(a) -> None:
+    """An exported .onnx model (or --engine onnx) runs with ONNX Runtime: checked before any work."""
+    if a.engine == "onnx" or str(a.run).endswith(".onnx"):
+        require("onnx", "the onnx engine", ("onnx", "onnxruntime"))
+
+
 def cmd_evaluate(a) -> None:
     from ..workflows.evaluate import evaluate_run
+
+    _need_onnx_engine(a)
 
     m = evaluate_run(a.run, a.data if len(a.data) > 1 else a.data[0], a.out, skip_bad=a.skip_bad,
                      precision=a.precision, shortcut=a.shortcut_check, engine=a.engine,
@@ -125,6 +134,8 @@ def cmd_evaluate(a) -> None:
 
 def cmd_predict(a) -> None:
     from ..workflows.evaluate import predict_paths
+
+    _need_onnx_engine(a)
 
     if a.csv:
         from ..io.files import ensure_writable_dir
@@ -180,6 +191,8 @@ def cmd_explain(a) -> None:
 
 def cmd_export(a) -> None:
     from ..deploy.export import export_onnx
+
+    require("onnx", "sonocad export")
 
     r = export_onnx(a.run, a.out, int8=a.int8, calibration=a.calibration)
     print(f"wrote {r['path']} ({r['bytes'] / 2**20:.1f} MiB, {'int8' if r['int8'] else 'fp32'}, input "
@@ -244,6 +257,9 @@ def cmd_dedup(a) -> None:
 
 
 def cmd_serve(a) -> None:
+    require("serve", "sonocad serve")
+    if str(a.run).endswith(".onnx"):
+        require("onnx", "serving an .onnx file", ("onnx", "onnxruntime"))
     from ..serve.app import serve
 
     serve(a.run, a.host, a.port, a.precision)

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import SonocadError
+from ..errors import MissingExtra, SonocadError
 
 VERSION = 1      # of the file's layout and of the decoding; a new one rebuilds every cache
 
@@ -147,7 +147,7 @@ def cached_images(paths: list[str], size: int, resize: str = "pad", skip_bad: bo
         try:
             return load_square(paths[i], size, resize, clean_overlays=clean_overlays), None
         except SonocadError as e:
-            if not skip_bad:
+            if not skip_bad or isinstance(e, MissingExtra):
                 raise
             return None, str(e)
 

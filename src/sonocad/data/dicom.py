@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import SonocadError
+from ..runtime.extras import install_hint, require
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 FRAME_SEP = "#frame="    # "cine.dcm#frame=12": one frame of a multi-frame file, as a sample's path
@@ -68,10 +69,11 @@ def frame_refs(path: str, frames: str = "first") -> list[str]:
 
 
 def _dataset(path, header_only: bool = False, name: str | None = None):
+    label = name or str(path)
+    require("dicom", f"{label}: reading a DICOM file", ("pydicom",))
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    label = name or str(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -115,7 +117,8 @@ def _pixels(ds, path: str, frame: int) -> np.ndarray:
         except NotImplementedError:
             available = False
         if not available:
-            raise SonocadError(f"{path}: compressed as {uid.name} ({uid}), which this installation cannot decode")
+            raise SonocadError(f"{path}: compressed as {uid.name} ({uid}), which this installation cannot decode "
+                               f"(the decoders come with {install_hint('dicom')})")
     frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
     if not 0 <= frame < frames:
         raise SonocadError(f"{path}: has {frames} frame(s); frame {frame} asked for")

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import SonocadError
+from ..errors import MissingExtra, SonocadError
 
 MIN_SIDE = 32
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm", ".dcm", ".dicom"}
@@ -200,6 +200,8 @@ def load_many(paths: list[str], size: int, resize: str = "pad", skip_bad: bool =
     def one(p):
         try:
             return load_square(p, size, resize, clean_overlays=clean_overlays), None
+        except MissingExtra:
+            raise               # not a bad image: every file of its kind would fail alike
         except SonocadError as e:
             return None, str(e)
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import SonocadError
 from .features import Features, compute_features
-from .index import phash_pairs, similar_pairs
+from .index import phash_pairs, require_index, similar_pairs
 from .match import candidate_pairs, match_scores
 from .settings import DEFAULT, DedupSettings
 
@@ -52,6 +52,7 @@ def find_duplicates(paths: list[str], labels: list[str] | None = None, *, method
         settings = DedupSettings.for_method(method, threshold)
     if labels is not None and len(labels) != len(paths):
         raise SonocadError(f"got {len(paths)} paths but {len(labels)} labels")
+    require_index(len(paths), settings)
     feats = compute_features(paths, settings, embed=settings.method != "phash", progress=progress)
     return group_features(feats, labels, settings, progress=progress)
 

@@ -7,6 +7,7 @@ from math import comb
 
 import numpy as np
 
+from ..runtime.extras import require
 from .settings import DEFAULT, DedupSettings
 
 BLOCK = 512          # rows of one block of an exact search: block x N similarities at a time
@@ -30,6 +31,14 @@ def main_directions(rows: np.ndarray) -> np.ndarray | None:
     with threadpool_limits(1, "blas"):   # a d x d problem: threads only wait for each other
         vecs = eigh((rows.T @ rows).astype(np.float64), subset_by_index=[d - ANN_DIMS, d - 1], driver="evr")[1]
     return np.ascontiguousarray(vecs[:, ::-1], np.float32)
+
+
+def require_index(n: int, settings: DedupSettings = DEFAULT, advice: str = "") -> None:
+    """Stop before any work, with one line, when a search of `n` images would build an HNSW index (the
+    embedding or match detector at `settings.exact_below` images or more) and faiss is not installed."""
+    if n >= settings.exact_below and {"embed", "match"} & set(settings.detectors):
+        require("faiss", f"the duplicate search of {n:,} images (an HNSW index from {settings.exact_below:,} "
+                f"images on{advice})")
 
 
 class AnnIndex:

@@ -25,6 +25,7 @@ from ..errors import OptionError, SonocadError
 from ..io.files import atomic_path
 from ..io.rundir import refuse_writing_into_runs
 from ..models.classifier import probabilities
+from ..runtime.extras import require
 from ..zoo import resolve
 from .predictor import Predictor
 
@@ -40,22 +41,12 @@ class _Logits(nn.Module):
         return self.model(image)
 
 
-def _need(module: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise SonocadError(f"ONNX export and the onnx engine need the package {module}: pip install "
-                           "onnx onnxscript onnxruntime") from None
-
-
 def export_onnx(run: str | Path, out: str | Path, int8: bool = False, calibration=None,
                 n_calibration: int = 64) -> dict:
     """Write the run's model to `out` (one .onnx file, batch dimension dynamic); with `int8`, statically
     quantised, calibrated on `n_calibration` images of `calibration` (default: the run's training data)."""
-    onnx = _need("onnx")
-    _need("onnxscript")
+    require("onnx", "ONNX export")
+    import onnx
     out = Path(out)
     if out.suffix != ".onnx":
         raise OptionError("out", f"{out}: give a file name ending in .onnx")
@@ -136,7 +127,8 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: Path, classes: list[str], temperature: float, threads: int = 0):
         super().__init__()
-        ort = _need("onnxruntime")
+        require("onnx", "the onnx engine", ("onnxruntime",))
+        import onnxruntime as ort
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -160,7 +152,8 @@ def load_onnx(path: str | Path) -> Predictor:
     from ..models.infer import InputPipeline, resolve_precision
 
     path = Path(path)
-    onnx = _need("onnx")
+    require("onnx", "the onnx engine", ("onnx", "onnxruntime"))
+    import onnx
     try:
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     except Exception as e:

@@ -90,6 +90,11 @@ def find_task(data, cfg: TrainConfig) -> Task:
     img_size, mean, std = input_config(cfg.model, cfg.img_size)
     samples = discover(data, cfg.classes, frames=cfg.frames)
     classes, positive = resolve_classes(samples, cfg.classes, cfg.positive)
+    if cfg.dedup:
+        from ..dedup import DedupSettings
+        from ..dedup.index import require_index
+
+        require_index(len(samples), DedupSettings(), "; --no-dedup trains without the search")
     return Task(samples, classes, positive, img_size, mean, std)
 
 
