@@ -16,24 +16,23 @@ site's groups alone. The operating point is `high_sensitivity` as adapt chooses 
 
     .venv/bin/python bench/adapt_curve.py busbra --base runs/loso/busi-s0 --sizes 20 40 80 --draws 5 10 5
     .venv/bin/python bench/adapt_curve.py busi --base runs/loso/busbra-s0 --sizes 40 --draws 10 --arms adapt
+    .venv/bin/python bench/adapt_curve.py busbra --smoke       # seconds: stand-in sites of phantoms, a tiny base
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 from scipy.special import expit  # noqa: E402
 
+from harness import ROOT, SHARED, Bench, fake_sites, tiny_run  # noqa: E402  (bench/ on sys.path)
 from loso import CLASSES, draw, target_split  # noqa: E402
 from sonocad.config import DEFAULT_KEEP_INIT  # noqa: E402
 from sonocad.deploy.predictor import Predictor  # noqa: E402
@@ -80,7 +79,7 @@ def figures(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
 
 
 def run(a) -> dict:
-    pool, test = target_split(a.site)
+    pool, test = target_split(a.site, a.data)
     rows = pool + test
     y = np.asarray([r["label"] == CLASSES[1] for r in rows], int)
     groups = np.asarray([r["group"] for r in rows])
@@ -164,18 +163,32 @@ def summarise(draws: list[dict], arms, sizes) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap) -> None:
     ap.add_argument("site", choices=["busbra", "busi"], help="the target site")
-    ap.add_argument("--base", required=True, help="a run trained on the other site")
+    ap.add_argument("--base", help="a run trained on the other site (required; --smoke trains a tiny one)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[20, 40, 80])
     ap.add_argument("--draws", type=int, nargs="+", default=[5, 10, 5], help="draws at each size")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=["base", "calibration", "adapt", "imagenet"])
     ap.add_argument("--target", type=float, default=0.95, help="high-sensitivity target")
-    ap.add_argument("--work", default=str(ROOT / "runs" / "adapt-curve"))
-    a = ap.parse_args(argv)
+    ap.add_argument("--work", help="results and cached features (default runs/adapt-curve; --smoke: a temporary "
+                    "folder)")
+    ap.add_argument("--data", type=Path, default=SHARED, help="the folder of the two sites (default ../shared/data)")
+
+
+def main(argv=None) -> int:
+    bench = Bench.start("adapt_curve", __doc__, argv, add_arguments)
+    a = bench.args
     if len(a.draws) != len(a.sizes):
-        ap.error("--draws needs one number per size")
+        raise SystemExit("bench/adapt_curve.py: --draws needs one number per size")
+    if bench.smoke:
+        work = Path(a.work or bench.tmp())
+        a.data, a.sizes, a.draws = fake_sites(work, n=48), [12], [1]
+        other = {"busbra": "busi/Dataset_BUSI_with_GT", "busi": "busbra/BUSBRA"}[a.site]
+        a.base = a.base or str(tiny_run(work / f"base-{a.site}", a.data / other))
+        a.work = str(work)
+    elif not a.base:
+        raise SystemExit("bench/adapt_curve.py: --base RUN is required")
+    a.work = a.work or str(ROOT / "runs" / "adapt-curve")
     t0 = time.perf_counter()
     out = run(a)
     out["seconds"] = round(time.perf_counter() - t0, 1)
@@ -184,9 +197,12 @@ def main(argv=None) -> int:
     while path.exists():
         n += 1
         path = Path(a.work) / f"{name}-{n}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path} ({out['seconds']:.0f} s)")
-    return 0
+    k = str(a.sizes[-1])
+    summary = {f"{arm}_auc_k{k}": out["summary"][k][arm]["test"]["auc"][0] for arm in a.arms}
+    return bench.finish({**summary, "results": str(path), "seconds": out["seconds"]})
 
 
 if __name__ == "__main__":

@@ -8,21 +8,19 @@ the combined prediction averages the two stages' logits. Scored on every scan of
 stage 1 alone (paired DeLong).
 
     .venv/bin/python bench/region_stage.py --stage1 runs/loso/busi-s0 --train busi --work runs/region
+    .venv/bin/python bench/region_stage.py --train busi --smoke       # stand-in sites of phantoms, tiny runs
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from scipy.special import expit, logit  # noqa: E402
 
@@ -33,9 +31,10 @@ from sonocad.deploy.predictor import Predictor  # noqa: E402
 from sonocad.evaluation.metrics import binary_metrics, delong_test  # noqa: E402
 from sonocad.workflows.train import fit  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data"
-SITES = {"busi": SHARED / "busi" / "Dataset_BUSI_with_GT", "busbra": SHARED / "busbra" / "BUSBRA"}
-CLASSES = ["benign", "malignant"]
+from harness import CLASSES, ROOT, SHARED, SMOKE_TRAINING, Bench, fake_sites, tiny_run  # noqa: E402, I001
+
+SITES = {"busi": "busi/Dataset_BUSI_with_GT", "busbra": "busbra/BUSBRA"}
+MIN_CROP = 64           # px: smaller crops are enlarged (bicubic)
 
 
 def crop_box(mask: np.ndarray, margin: float) -> tuple[int, int, int, int] | None:
@@ -52,9 +51,9 @@ def crop_box(mask: np.ndarray, margin: float) -> tuple[int, int, int, int] | Non
     return (max(0, int(cx - half)), max(0, int(cy - half)), min(w, int(cx + half) + 1), min(h, int(cy + half) + 1))
 
 
-def write_crops(predictor: Predictor, site: str, out: Path, margin: float) -> Path:
+def write_crops(predictor: Predictor, data: Path, site: str, out: Path, margin: float) -> Path:
     """A manifest of every scan of `site` cut to its predicted lesion (the whole scan where none is found)."""
-    samples = discover(SITES[site], CLASSES)
+    samples = discover(data / SITES[site], CLASSES)
     rows = []
     for i in range(0, len(samples), 64):
         part = samples[i:i + 64]
@@ -63,9 +62,13 @@ def write_crops(predictor: Predictor, site: str, out: Path, margin: float) -> Pa
         for s, p in zip(part, prob):
             img = load_gray(s.path)
             box = crop_box(from_square(p, img.size, predictor.info.config.resize), margin)
-            name = out / site / f"{len(rows):05d}.png"
+            name = out / "crops" / site / f"{len(rows):05d}.png"
             name.parent.mkdir(parents=True, exist_ok=True)
-            (img.crop(box) if box else img).save(name)
+            crop = img.crop(box) if box else img
+            if min(crop.size) < MIN_CROP:       # a small lesion, enlarged to what sonocad reads
+                scale = MIN_CROP / min(crop.size)
+                crop = crop.resize((round(crop.size[0] * scale), round(crop.size[1] * scale)), 3)
+            crop.save(name)
             rows.append({"path": str(name), "label": s.label, "group": f"{site}/{s.group or s.path}",
                          "source": s.path})
     manifest = out / f"{site}.csv"
@@ -76,25 +79,38 @@ def write_crops(predictor: Predictor, site: str, out: Path, margin: float) -> Pa
     return manifest
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage1", required=True, help="a run with the mask head, trained on --train alone")
+def add_arguments(ap) -> None:
+    ap.add_argument("--stage1", help="a run with the mask head, trained on --train alone (--smoke: a tiny one)")
     ap.add_argument("--train", required=True, choices=list(SITES))
     ap.add_argument("--margin", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", default=str(ROOT / "runs" / "region"))
-    a = ap.parse_args(argv)
+    ap.add_argument("--work", help="crops, stage 2 and the result (default runs/region)")
+    ap.add_argument("--data", type=Path, default=SHARED, help="the folder of the two sites (default ../shared/data)")
+
+
+def main(argv=None) -> int:
+    bench = Bench.start("region_stage", __doc__, argv, add_arguments)
+    a = bench.args
+    training = {}
+    if bench.smoke:
+        a.work = str(a.work or bench.tmp())
+        a.data = fake_sites(Path(a.work), n=48)
+        a.stage1 = a.stage1 or str(tiny_run(Path(a.work) / "stage1", a.data / SITES[a.train]))
+        training = SMOKE_TRAINING
+    elif not a.stage1:
+        raise SystemExit("bench/region_stage.py: --stage1 RUN is required")
     other = next(s for s in SITES if s != a.train)
-    work = Path(a.work) / f"{a.train}-m{a.margin:g}-s{a.seed}"
+    work = Path(a.work or ROOT / "runs" / "region") / f"{a.train}-m{a.margin:g}-s{a.seed}"
     t0 = time.perf_counter()
     stage1 = Predictor.load(a.stage1)
     manifests = {site: work / f"{site}.csv" for site in SITES}
     for site, manifest in manifests.items():
         if not manifest.is_file():
-            write_crops(stage1, site, work / "crops", a.margin)
+            write_crops(stage1, a.data, site, work, a.margin)
     run2 = work / "stage2"
     if not (run2 / "run.json").is_file():
-        fit(str(manifests[a.train]), run2, classes=CLASSES, seed=a.seed, progress=False, overwrite=run2.exists())
+        fit(str(manifests[a.train]), run2, **{"classes": CLASSES, "seed": a.seed, **training}, progress=False,
+            overwrite=run2.exists())
     with open(manifests[other], newline="") as f:
         rows = list(csv.DictReader(f))
     y = np.asarray([r["label"] == CLASSES[1] for r in rows], int)
@@ -111,7 +127,8 @@ def main(argv=None) -> int:
     out["seconds"] = round(time.perf_counter() - t0, 1)
     (work / "result.json").write_text(json.dumps(out, indent=1, default=float))
     print(json.dumps(out, default=float))
-    return 0
+    return bench.finish({k: out[k]["auc"] for k in ("stage1", "stage2_region", "combined")} | {
+        "seconds": out["seconds"]}, details=out)
 
 
 if __name__ == "__main__":

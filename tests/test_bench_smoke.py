@@ -29,12 +29,16 @@ def smoke(name: str, *argv: str) -> int:
 
 def test_every_script_in_bench_is_smoke_tested():
     assert set(SCRIPTS) == {"speed", "predict_folder", "explain_speed", "onnx_speed", "serve_load", "ddp_speed",
-                            "dedup_scale", "dedup_calibrate", "loso"}, SCRIPTS
+                            "dedup_scale", "dedup_calibrate", "loso", "adapt_curve", "adapt_speed",
+                            "region_stage"}, SCRIPTS
+
+
+SITE_ARGUMENTS = {"adapt_curve": ["busbra"], "region_stage": ["--train", "busi"]}
 
 
 @pytest.mark.parametrize("name", [s for s in SCRIPTS if s not in ("loso", "speed")])
 def test_smoke(name, tiny_run, tmp_path, capsys):
-    argv = [str(tiny_run)] if name in TIMES_A_RUN else []
+    argv = [str(tiny_run)] if name in TIMES_A_RUN else SITE_ARGUMENTS.get(name, [])
     assert smoke(name, *argv, "--json", str(tmp_path / "r.json")) == 0
     out = capsys.readouterr().out
     assert re.search(rf"^result {name} \(smoke\): \S+=", out, re.M), out[-2000:]
