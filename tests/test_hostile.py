@@ -2,12 +2,14 @@
 exhaust memory. Each case came from trying sonocad as a hostile user would (docs/reliability.md)."""
 import io
 import os
+import stat
 import struct
 import tracemalloc
 import zlib
 
 import numpy as np
 import pytest
+from conftest import one_line_error
 from PIL import Image
 
 from sonocad.cli.main import main
@@ -150,3 +152,124 @@ def test_a_64_megapixel_white_png_is_decoded_at_the_working_size(tmp_path):
     assert square.shape == (64, 64) and square.min() == 255
     assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB"          # it asked for 9.6 GiB before the ceiling
     assert max(load_gray(str(path), working_size=True).size) <= WORK_SIDE
+
+
+# --- nothing written over an input or a foreign file --------------------------------------------------------
+
+def test_predict_csv_never_replaces_an_image_or_a_foreign_file(tiny_run, phantoms, tmp_path, capsys):
+    typo = tmp_path / "typo"
+    typo.mkdir()
+    scan1, scan2 = typo / "scan1.png", typo / "scan2.png"
+    for dst, src in ((scan1, "benign (1).png"), (scan2, "benign (2).png")):
+        dst.write_bytes((phantoms / "benign" / src).read_bytes())
+    before = scan1.read_bytes()
+    assert "is named like an image" in one_line_error(capsys, ["predict", str(tiny_run), "--csv", str(scan1),
+                                                               str(scan2)])
+    disguised = tmp_path / "scan.csv"                  # an image given as input and as --csv
+    disguised.write_bytes(before)
+    err = one_line_error(capsys, ["predict", str(tiny_run), str(disguised), "--csv", str(disguised)])
+    assert "is one of the images to predict" in err
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my notes, not predictions\n")
+    assert "is not a predictions CSV" in one_line_error(capsys, ["predict", str(tiny_run), str(scan2), "--csv",
+                                                                 str(notes)])
+    assert scan1.read_bytes() == before == disguised.read_bytes()
+    assert notes.read_text() == "my notes, not predictions\n"
+    out = tmp_path / "p.csv"
+    for _ in range(2):                                 # an earlier predictions CSV is replaced
+        assert main(["predict", str(tiny_run), str(scan2), "--csv", str(out)]) == 0
+    assert out.read_text().count("scan2.png") == 1
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    one_line_error(capsys, ["predict", str(tiny_run), str(bad), "--csv", str(tmp_path / "new" / "dir" / "p.csv")])
+    assert not (tmp_path / "new").exists()             # a refused command leaves nothing behind
+
+
+def test_output_folders_are_never_inputs_or_foreign(tiny_run, phantoms, tmp_path, capsys):
+    err = one_line_error(capsys, ["evaluate", str(tiny_run), str(phantoms), "--out", str(phantoms / "eval")])
+    assert "which this command reads" in err
+    err = one_line_error(capsys, ["predict", str(tiny_run), str(phantoms / "benign"), "--heatmaps",
+                                  str(phantoms / "benign")])
+    assert "which this command reads" in err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    err = one_line_error(capsys, ["explain", str(tiny_run), str(phantoms / "benign" / "benign (1).png"), "--out",
+                                  str(mine)])
+    assert "holds files that are not pictures" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+    assert not (phantoms / "eval").exists() and not list(phantoms.rglob("*heat*"))
+
+
+def test_synth_never_writes_over_files(tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "benign").mkdir(parents=True)
+    real = data / "benign" / "benign (1).png"
+    Image.fromarray(np.full((64, 64), 7, np.uint8)).save(real)
+    before = real.read_bytes()
+    assert "already holds files" in one_line_error(capsys, ["synth", str(data), "--n", "4", "--size", "32"])
+    assert "exists and is not this phantom" in one_line_error(capsys, ["synth", str(data), "--n", "4", "--size",
+                                                                       "32", "--add"])
+    assert real.read_bytes() == before and [p.name for p in data.rglob("*") if p.is_file()] == [real.name]
+    real.rename(data / "scan.png")
+    assert main(["synth", str(data), "--n", "4", "--size", "32", "--add"]) == 0
+    assert main(["synth", str(data), "--n", "4", "--size", "32", "--add"]) == 0    # the same phantoms: kept
+    assert "8 of their files were there already" in capsys.readouterr().out
+    assert (data / "scan.png").read_bytes() == before and len(list(data.rglob("*.png"))) == 9
+
+
+def test_refused_train_leaves_nothing_behind(phantoms, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_class = tmp_path / "one"
+    (one_class / "benign").mkdir(parents=True)
+    for i in (1, 2, 3):
+        (one_class / "benign" / f"{i}.png").write_bytes((phantoms / "benign" / f"benign ({i}).png").read_bytes())
+    for data in (empty, one_class):
+        one_line_error(capsys, ["train", str(data), "--out", str(tmp_path / "runs" / "a" / "run")])
+        assert not (tmp_path / "runs").exists()            # no run folder, no lock file, no parent folders
+
+
+def test_killed_writers_temporary_files_go_with_the_next_writer(tmp_path):
+    from sonocad.io.rundir import RunLock
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "data.json").write_text("{}")             # a training run that started
+    leftover = run / "checkpoints" / ".last.pt.k3x_9a2b.tmp"          # what a SIGKILL mid-write leaves
+    leftover.write_bytes(b"\0" * 1024)
+    (run / "notes.tmp").write_text("the user's")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".x.abcdefgh.tmp").write_text("not sonocad's folder")
+    for folder in (run, other):
+        with RunLock(folder):
+            pass
+    assert not leftover.exists() and (run / "notes.tmp").exists() and (other / ".x.abcdefgh.tmp").exists()
+    assert not (tmp_path / ".run.lock").exists()
+
+
+def test_model_weights_follow_the_umask(tmp_path):
+    import torch
+
+    from sonocad.models.classifier import save_model
+
+    old = os.umask(0o022)
+    try:
+        save_model(torch.nn.Linear(2, 2), tmp_path / "model.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o644
+
+
+def test_manifest_rows_say_what_is_wrong_with_a_path(tmp_path):
+    from sonocad.data import discover
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone.png")
+    for target, why in (("folder", "is a folder, not a file"), ("loop", "is a symbolic link loop"),
+                        ("dangling", "is a symbolic link to a missing file"), ("nothere.png", "does not exist")):
+        (tmp_path / "m.csv").write_text(f"path,label\n{target},benign\n")
+        with pytest.raises(SonocadError, match=f"m.csv:2: image .*{target} {why}"):
+            discover(tmp_path / "m.csv")

@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=128)
+    p.add_argument("--add", action="store_true", help="write the phantoms into a folder that already holds files "
+                   "(beside them: a file of a phantom's name is kept if it is that phantom, else refused)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("summary", help="parameters and memory estimate of a model")
