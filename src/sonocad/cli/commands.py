@@ -276,7 +276,8 @@ def _dedup_json(path: Path) -> bool:
 def cmd_serve(a) -> None:
     from ..serve.app import serve
 
-    serve(a.run, a.host, a.port, a.precision)
+    serve(a.run, a.host, a.port, a.precision, token=a.token, insecure=a.insecure, max_decoding=a.max_decoding,
+          max_waiting=a.max_waiting)
 
 
 def cmd_synth(a) -> None:
