@@ -28,6 +28,9 @@ def fake_ghostscript(tmp_path, monkeypatch):
     (bin_dir / "gs").write_text(f"#!/bin/sh\necho \"$@\" >> '{log}'\nexit 1\n")
     (bin_dir / "gs").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    from PIL import EpsImagePlugin
+
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)      # Pillow caches whether it found one
     return log
 
 
