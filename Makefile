@@ -18,7 +18,7 @@ install: $(STAMP)
 
 # Synthetic B-mode phantoms, then the full pipeline: train (two phases), evaluate, report.
 demo: install
-	$(BIN)/sonocad synth demo_data --n 240 --seed 0
+	test -d demo_data || $(BIN)/sonocad synth demo_data --n 240 --seed 0
 	$(BIN)/sonocad train demo_data --out runs/demo --img-size 128 --appearance standard --seed 0 --overwrite
 	$(BIN)/sonocad predict runs/demo "demo_data/malignant/malignant (1).png" "demo_data/benign/benign (1).png"
 

@@ -225,3 +225,42 @@ def test_pydicoms_sample_files_decode_as_their_uncompressed_original(name):
     folder = os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files")
     reference = np.asarray(load_gray(os.path.join(folder, "MR_small.dcm")))
     assert np.array_equal(np.asarray(load_gray(os.path.join(folder, name))), reference)
+
+
+def test_cine_loops_train_predict_and_keep_their_frames_together(tmp_path):
+    """`--frames all` trains on every frame of multi-frame files (frames of one file in one group: in one part
+    of every split, in one fold), and predict gives one row per frame of such a run."""
+    import csv
+    from collections import Counter
+
+    from sonocad.config import TrainConfig
+    from sonocad.dedup import DedupSettings
+    from sonocad.training.prepare import data_record, dedup_cache_key, hold_out_test, prepare_data, split_train_val
+    from sonocad.workflows.cv import fold_indices
+    from sonocad.workflows.evaluate import predict_paths
+    from sonocad.workflows.train import fit
+
+    data = tmp_path / "d"
+    for c, cls in enumerate(("benign", "malignant")):
+        (data / cls).mkdir(parents=True)
+        for i in range(6):
+            write_dicom(data / cls / f"{cls}{i}.dcm", [_img(30 * i + 3 * k + c, (40, 48)) // (1 + c) for k in range(3)])
+    cfg = TrainConfig(img_size=32, frames="all", dedup=False, head_epochs=1, finetune_epochs=0, batch_size=8,
+                      test_size=0.34, val_size=0.25)
+    prepared = prepare_data(data, cfg)
+    refs = [s.path for s in prepared.full.samples]
+    dedup_cache_key(refs, DedupSettings())             # stats the files, not "file.dcm#frame=K"
+    assert len(data_record(prepared.full.samples)["data"]) == 36
+    rest, test = hold_out_test(prepared.full, cfg)
+    parts = [{split_ref(s.path)[0] for s in part.samples} for part in (*split_train_val(rest, cfg), test)]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    folds = fold_indices(prepared.full.y, list(prepared.full.groups), prepared.sites, 3, 0)
+    files = {split_ref(r)[0] for r in refs}
+    assert all(len({f for r, f in zip(refs, folds) if split_ref(r)[0] == file}) == 1 for file in files)
+    run = tmp_path / "run"
+    fit(data, run, cfg, progress=False)
+    with open(run / "predictions.csv", newline="") as f:
+        per_file = Counter(split_ref(r["path"])[0] for r in csv.DictReader(f))
+    assert per_file and set(per_file.values()) == {3}       # every frame of each test file, none elsewhere
+    rows = predict_paths(run, [data / "benign" / "benign0.dcm"])
+    assert [r["path"].rsplit("#", 1)[1] for r in rows] == ["frame=0", "frame=1", "frame=2"]

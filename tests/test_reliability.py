@@ -76,7 +76,7 @@ def test_evaluation_folder_is_replaced_whole(tiny_run, phantoms, tmp_path, capsy
     assert kind(out) == "evaluate" and not (out / "stale.txt").exists()
     check_finished(out)
     assert json.loads((out / "metrics.json").read_text())["n_per_class"]["malignant"] == 0
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".e.")] == [".e.lock"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".e.")] == []      # no scratch, no lock left
 
 
 def test_unfinished_or_foreign_folders_are_refused(phantoms, tmp_path, capsys):

@@ -17,7 +17,7 @@ def _read(path):
 def test_layout_counts_and_formats(tmp_path):
     out = tmp_path / "phantoms"
     info = write_phantom_set(out, n=9, seed=1, size=48)
-    assert info == {"out": str(out), "n": 9, "n_per_class": {"benign": 5, "malignant": 4}}
+    assert info == {"out": str(out), "n": 9, "n_per_class": {"benign": 5, "malignant": 4}, "written": 18}
     for cls, count in info["n_per_class"].items():
         expected = {f"{cls} ({i}).png" for i in range(1, count + 1)}
         expected |= {f"{cls} ({i})_mask.png" for i in range(1, count + 1)}

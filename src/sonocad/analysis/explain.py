@@ -13,6 +13,7 @@ through autograd (the feature map is made a leaf, so frozen layers do not matter
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 import torch
@@ -344,9 +345,11 @@ def sibling_masks(path: str) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
+PICTURE = re.compile(r"\d{5,}_.*\.png")      # what picture_name gives
+
+
 def picture_name(index: int, path: str) -> str:
     """A file name for the picture of input `index`: its number (inputs may share names) and its stem."""
-    import re
     from pathlib import Path
 
     stem = re.sub(r"[^\w.-]+", "_", Path(str(path).replace("#frame=", "_frame")).stem)[:80]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.images import from_square, load_gray, load_mask
+from ..data.images import from_square, image_size, load_mask
 from ..errors import SonocadError
 from ..evaluation.metrics import bootstrap_mean_ci
 from ..models.infer import run_batches
@@ -76,7 +76,7 @@ def write_masks(predictor, paths: list[str], images: np.ndarray, out, names: lis
     prob = predict_masks(predictor, images)
     resize = predictor.info.config.resize
     for path, p, name in zip(paths, prob, names):
-        mask = from_square(p, load_gray(path).size, resize)
+        mask = from_square(p, image_size(path), resize)
         with atomic_path(Path(out) / name, fsync=False) as tmp:
             Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, "PNG")
 

@@ -93,7 +93,7 @@ def _versions(predictor: Predictor, sample) -> dict[str, np.ndarray]:
     """The image of `sample` as the run sees it, and each altered version (VERSIONS)."""
     info = predictor.info
     size, resize = info.img_size, info.config.resize
-    gray = load_gray(sample.path)
+    gray = load_gray(sample.path, working_size=True)
     if info.config.clean_overlays:
         gray = remove_overlays(gray)
     img = to_square(gray, size, resize)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -132,44 +133,63 @@ def cmd_evaluate(a) -> None:
     print(f"report: {Path(a.out) / 'report.html'}")
 
 
+def _check_csv_target(a) -> None:
+    """`predict --csv`: a new file, or an earlier predictions CSV; never an image, an input or another file."""
+    from ..data.images import IMAGE_SUFFIXES
+    from ..io.files import refuse_replacing
+    from ..io.rundir import refuse_writing_into_runs
+
+    csv_path = Path(a.csv)
+    if csv_path.suffix.lower() in IMAGE_SUFFIXES:
+        raise OptionError("csv", f"{a.csv} is named like an image; a CSV file's name ends in .csv (is an image "
+                          "listed after --csv by mistake?)")
+    if any(csv_path.resolve() == Path(i).resolve() for i in a.inputs):
+        raise OptionError("csv", f"{a.csv} is one of the images to predict; choose another name")
+    refuse_writing_into_runs(a.csv, [a.run], "csv")
+    refuse_replacing(csv_path, "csv", _predictions_csv, "a predictions CSV written by sonocad predict")
+    parent = next((d for d in csv_path.absolute().parents if d.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OptionError("csv", f"{csv_path.parent}: cannot write there")
+
+
+def _predictions_csv(path: Path) -> bool:
+    from ..io.files import csv_fields
+
+    fields = csv_fields(path)
+    return fields[:1] == ["path"] and "predicted" in fields
+
+
 def cmd_predict(a) -> None:
+    from ..io.files import removed_if_failed
     from ..workflows.evaluate import predict_paths
 
     _need_onnx_engine(a)
 
     if a.csv:
-        from ..io.files import ensure_writable_dir
-        from ..io.rundir import refuse_writing_into_runs
+        _check_csv_target(a)
+    with removed_if_failed(Path(a.csv).parent if a.csv else None, a.heatmaps, a.masks):
+        rows = predict_paths(a.run, a.inputs, skip_bad=a.skip_bad, precision=a.precision, heatmaps=a.heatmaps,
+                             engine=a.engine, masks=a.masks)
+        errors = [r for r in rows if "error" in r]
+        rows = [r for r in rows if "error" not in r]
+        warn_bad([r["error"] for r in errors])
+        fields = list(rows[0]) if rows else ["path", "predicted"]
+        if a.csv:
+            import io
 
-        try:
-            if Path(a.csv).is_dir():
-                raise OptionError("csv", f"{a.csv} is a folder; give a file name")
-        except OSError as e:
-            raise OptionError("csv", f"{a.csv}: {e.strerror or e}") from None
-        refuse_writing_into_runs(a.csv, [a.run], "csv")
-        ensure_writable_dir(Path(a.csv).parent, "csv")
-    rows = predict_paths(a.run, a.inputs, skip_bad=a.skip_bad, precision=a.precision, heatmaps=a.heatmaps,
-                         engine=a.engine, masks=a.masks)
-    errors = [r for r in rows if "error" in r]
-    rows = [r for r in rows if "error" not in r]
-    warn_bad([r["error"] for r in errors])
-    fields = list(rows[0]) if rows else ["path", "predicted"]
-    if a.csv:
-        import io
+            from ..io.files import atomic_write_text
 
-        from ..io.files import atomic_write_text
-
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write_text(a.csv, buf.getvalue())
-        print(f"wrote {len(rows)} prediction(s) to {a.csv}")
-    else:
-        w = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()})
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+            atomic_write_text(a.csv, buf.getvalue())
+            print(f"wrote {len(rows)} prediction(s) to {a.csv}")
+        else:
+            w = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()})
     from ..workflows.evaluate import site_notice
 
     notice = site_notice(a.run, a.engine)
@@ -238,6 +258,15 @@ def cmd_dedup(a) -> None:
     from ..data.discover import discover
     from ..dedup import find_duplicates
 
+    if a.out:           # before the search, which may take minutes
+        from ..io.files import csv_fields, refuse_replacing
+        from ..io.rundir import refuse_writing_into_runs
+
+        refuse_writing_into_runs(a.out, [a.data], "out")
+        refuse_replacing(Path(a.out) / "duplicates.csv", "out", lambda p: csv_fields(p) == ["path", "group", "label"],
+                         "a duplicates.csv written by sonocad dedup")
+        refuse_replacing(Path(a.out) / "duplicates.json", "out", _dedup_json, "a duplicates.json written by sonocad "
+                         "dedup")
     samples = discover(a.data, a.classes)
     paths, labels = [s.path for s in samples], [s.label for s in samples]
     res = find_duplicates(paths, labels, method=a.method, threshold=a.threshold, progress=not a.quiet)
@@ -256,20 +285,31 @@ def cmd_dedup(a) -> None:
         print(f"wrote {out / 'duplicates.csv'} and {out / 'duplicates.json'} (every group and linked pair)")
 
 
+def _dedup_json(path: Path) -> bool:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(d, dict) and {"images", "groups", "conflicts"} <= set(d)
+
+
 def cmd_serve(a) -> None:
     require("serve", "sonocad serve")
     if str(a.run).endswith(".onnx"):
         require("onnx", "serving an .onnx file", ("onnx", "onnxruntime"))
     from ..serve.app import serve
 
-    serve(a.run, a.host, a.port, a.precision)
+    serve(a.run, a.host, a.port, a.precision, token=a.token, insecure=a.insecure, max_decoding=a.max_decoding,
+          max_waiting=a.max_waiting)
 
 
 def cmd_synth(a) -> None:
     from ..data.synth import write_phantom_set
 
-    info = write_phantom_set(a.out, n=a.n, seed=a.seed, size=a.size)
-    print(f"wrote {info['n']} phantom images {info['n_per_class']} to {info['out']}")
+    info = write_phantom_set(a.out, n=a.n, seed=a.seed, size=a.size, add=a.add)
+    kept = 2 * info["n"] - info["written"]
+    print(f"wrote {info['n']} phantom images {info['n_per_class']} to {info['out']}"
+          + (f" ({kept} of their files were there already, identical, and kept)" if kept else ""))
 
 
 def cmd_summary(a) -> None:

@@ -197,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--token", help="access token the page and API ask for (default: $SONOCAD_TOKEN; needed to serve "
+                   "on an address other than this machine's, unless --insecure)")
+    p.add_argument("--insecure", action="store_true", help="serve on a network address without an access token")
+    p.add_argument("--max-decoding", type=int, default=8, metavar="N", help="uploads decoded at once (default 8)")
+    p.add_argument("--max-waiting", type=int, default=32, metavar="N", help="requests that wait for a turn beyond "
+                   "those; more are answered 503 (default 32)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("synth", help="write a synthetic B-mode phantom dataset (demo and test data)")
@@ -204,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=128)
+    p.add_argument("--add", action="store_true", help="write the phantoms into a folder that already holds files "
+                   "(beside them: a file of a phantom's name is kept if it is that phantom, else refused)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("summary", help="parameters and memory estimate of a model")

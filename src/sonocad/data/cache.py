@@ -76,9 +76,11 @@ class DiskImages:
 
 def fingerprint(paths: list[str]) -> str:
     """What the images are: every file's name, size and modification time, in order."""
+    from .dicom import split_ref
+
     h = hashlib.sha256()
     for p in paths:
-        st = os.stat(p.split("#")[0])
+        st = os.stat(split_ref(p)[0])
         h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 

@@ -134,19 +134,34 @@ def _pixels(ds, path: str, frame: int) -> np.ndarray:
     return np.asarray(a)
 
 
-def _to_uint8(a: np.ndarray, ds) -> np.ndarray:
+def _to_uint8(a: np.ndarray, ds, name) -> np.ndarray:
+    """Pixels as 8-bit gray, a band of rows at a time (floating-point copies of a band, not of the frame)."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if a.ndim == 3 and a.shape[-1] in (3, 4):          # RGB (pydicom converts YBR to RGB)
-        a = a[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    a = a.astype(np.float32)
+    rgb = a.ndim == 3 and a.shape[-1] in (3, 4)           # RGB (pydicom converts YBR to RGB)
+    step = max(1, (1 << 20) // max(1, a[0].size))
+
+    def gray(band: np.ndarray) -> np.ndarray:
+        if rgb:
+            return band[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        return band.astype(np.float32)
+
+    bands = [slice(r, r + step) for r in range(0, len(a), step)]
+    hi = max((float(gray(a[b]).max(initial=0)) for b in bands), default=0.0)
+    lo = min((float(gray(a[b]).min(initial=0)) for b in bands), default=0.0)
+    if not (np.isfinite(hi) and np.isfinite(lo)):          # max and min carry any NaN or infinity through
+        raise SonocadError(f"{name}: floating-point pixel data holds NaN or infinite values")
     bits = int(ds.get("BitsStored", 8) or 8)
-    if a.max(initial=0) > 255 or bits > 8:
-        if ds.get("PixelRepresentation", 0) == 1:        # signed: shift to start at 0
-            a = a - a.min(initial=0)
-        a = a * (255.0 / max(float(2 ** bits - 1), 1.0))
-    if photometric == "MONOCHROME1":                     # bright is low: invert
-        a = 255.0 - a
-    return np.clip(a + 0.5, 0, 255).astype(np.uint8)
+    rescale = hi > 255 or bits > 8
+    shift = lo if rescale and ds.get("PixelRepresentation", 0) == 1 else 0.0   # signed: shift to start at 0
+    out = np.empty(a.shape[:2], np.uint8)
+    for b in bands:
+        g = gray(a[b])
+        if rescale:
+            g = (g - shift) * (255.0 / max(float(2 ** bits - 1), 1.0))
+        if photometric == "MONOCHROME1":                 # bright is low: invert
+            g = 255.0 - g
+        out[b] = np.clip(g + 0.5, 0, 255).astype(np.uint8)
+    return out
 
 
 def ultrasound_region(ds, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
@@ -182,9 +197,10 @@ def read_dicom(path, frame: int = 0, crop: bool = True, max_pixels: int | None =
         raise SonocadError(f"{path}: DICOM image without rows and columns") from None
     if max_pixels and rows * cols > max_pixels:
         raise SonocadError(f"{path}: image of {cols}x{rows} pixels is over the limit of {max_pixels:,}")
-    a = _to_uint8(_pixels(ds, path, frame), ds)
-    if a.ndim != 2:
-        raise SonocadError(f"{path}: DICOM pixel data of shape {a.shape} is not one 2D image")
+    pixels = _pixels(ds, path, frame)
+    if pixels.ndim != 2 and not (pixels.ndim == 3 and pixels.shape[-1] in (3, 4)):
+        raise SonocadError(f"{path}: DICOM pixel data of shape {pixels.shape} is not one 2D image")
+    a = _to_uint8(pixels, ds, path)
     region = ultrasound_region(ds, a.shape) if crop else None
     if region is not None:
         x0, y0, x1, y1 = region

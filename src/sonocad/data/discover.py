@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import csv
+import errno
 import re
+import stat
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -34,6 +36,27 @@ class Sample:
 
     def column(self, name: str) -> str | None:
         return dict(self.columns).get(name.lower())
+
+
+def not_a_file(p: Path) -> str | None:
+    """Why `p` cannot be read as a file (does not exist, is a folder, a link loop ...), or None when it can."""
+    try:
+        st = p.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return "is a symbolic link to a missing file" if p.is_symlink() else "does not exist"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a file"
+    return None if stat.S_ISREG(st.st_mode) else "is not a regular file"
+
+
+def _missing(p: Path) -> SonocadError:
+    """The error for a file or folder argument that is not there (or is a link loop, a broken link)."""
+    why = not_a_file(p)
+    return SonocadError(f"{p}: {'no such file or folder' if why in (None, 'does not exist') else why}")
 
 
 def _is_hidden(p: Path) -> bool:
@@ -78,7 +101,7 @@ def expand_frames(samples: list[Sample], frames: str) -> list[Sample]:
 def _discover_one(data, classes, allow_missing_classes: bool) -> list[Sample]:
     data = Path(data)
     if not data.exists():
-        raise SonocadError(f"{data}: no such file or folder")
+        raise _missing(data)
     if data.is_file():
         samples = read_manifest(data)
     elif (data / BUSBRA_CSV).is_file() and (data / "Images").is_dir():
@@ -143,7 +166,7 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
         elif p.exists():
             files.append(p)
         else:
-            raise SonocadError(f"{p}: no such file or folder")
+            raise _missing(p)
     return files
 
 
@@ -175,8 +198,9 @@ def read_manifest(path: Path) -> list[Sample]:
             raise SonocadError(f"{path}:{i}: row needs a path and a label")
         p = Path(row["path"]).expanduser()
         p = p if p.is_absolute() else base / p
-        if not p.is_file():
-            raise SonocadError(f"{path}:{i}: image {p} does not exist")
+        why = not_a_file(p)
+        if why:
+            raise SonocadError(f"{path}:{i}: image {p} {why}")
         key = str(p.resolve())
         if key in first_row:     # one image twice would sit on both sides of a split, or teach two labels
             j, label = first_row[key]
@@ -187,8 +211,9 @@ def read_manifest(path: Path) -> list[Sample]:
         if row.get("mask"):
             m = Path(row["mask"]).expanduser()
             m = m if m.is_absolute() else base / m
-            if not m.is_file():
-                raise SonocadError(f"{path}:{i}: mask {m} does not exist")
+            why = not_a_file(m)
+            if why:
+                raise SonocadError(f"{path}:{i}: mask {m} {why}")
             masks = (str(m),)
         other = tuple((k, v) for k, v in row.items() if k not in MANIFEST_COLUMNS and k)
         samples.append(Sample(str(p), row["label"], row.get("group") or None, masks, row.get("site") or None, other))
@@ -206,8 +231,9 @@ def read_busbra(root: Path) -> list[Sample]:
             raise SonocadError(f"{root / BUSBRA_CSV}: expected BUS-BRA columns ID, Case, Pathology")
         for i, row in enumerate(reader, start=2):
             img = root / "Images" / f"{row['ID']}.png"
-            if not img.is_file():
-                raise SonocadError(f"{root / BUSBRA_CSV}:{i}: image {img} does not exist")
+            why = not_a_file(img)
+            if why:
+                raise SonocadError(f"{root / BUSBRA_CSV}:{i}: image {img} {why}")
             mask = root / "Masks" / f"{row['ID'].replace('bus_', 'mask_', 1)}.png"
             samples.append(Sample(str(img), row["Pathology"].strip().lower(), f"busbra-{row['Case']}",
                                   (str(mask),) if mask.is_file() else (), "busbra",

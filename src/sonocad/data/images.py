@@ -1,10 +1,13 @@
-"""Decode any PIL-readable image into a square 8-bit grayscale array, once per run.
+"""Decode a scan (PNG, JPEG, BMP, TIFF or DICOM) into an 8-bit grayscale image, once per run.
 
 B-mode ultrasound is grayscale: colour overlays are reduced to luminance, and the model sees the
-gray image repeated on its 3 input channels.
+gray image repeated on its 3 input channels. Only the formats a scanner or an archive exports are decoded
+(DECODED_FORMATS, by Pillow, in this process; DICOM by pydicom): anything else, whatever its name, is refused
+before a decoder sees it, so no other Pillow plugin (EPS would start Ghostscript) ever runs on input data.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import warnings
@@ -14,34 +17,132 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import MissingExtra, SonocadError
+from .overlays import MIN_CLEAN_SIDE, remove_overlays
+
+__all__ = ["MIN_CLEAN_SIDE", "remove_overlays"]
 
 MIN_SIDE = 32
+# Found in folders by these suffixes; GIF, WebP and PGM/PPM are then refused by name (no scanner exports them).
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm", ".dcm", ".dicom"}
+DECODED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")     # Pillow's names; DICOM is read by pydicom
+READABLE = "PNG, JPEG, BMP, TIFF or DICOM"
 MAX_PIXELS = 64_000_000  # refuse decompression bombs and absurd sizes before decoding
+# The heavy steps (overlay cleaning) work on images of at most this many pixels on the longer side; larger ones
+# are first reduced to it. Every BUSI and BUS-BRA image is smaller (the widest has 1048 px): their figures stand.
+WORK_SIDE = 2048
+_REFUSED = ((b"%!PS", "PostScript (EPS)"), (b"\xc5\xd0\xd3\xc6", "PostScript (EPS)"), (b"%PDF", "PDF"),
+            (b"GIF8", "GIF"), (b"\x89HDF", "HDF5"), (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "Photoshop (PSD)"))
+
+
+def _format_of(head: bytes) -> str | None:
+    """The name of a format sonocad refuses, from a file's first bytes (None when not recognised)."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if len(head) > 2 and head[:1] == b"P" and head[1:2] in b"1234567" and head[2:3].isspace():
+        return "PBM/PGM/PPM"
+    if head[4:12] in (b"ftypavif", b"ftypavis", b"ftypheic", b"ftypmif1"):
+        return "AVIF/HEIF"
+    return next((name for magic, name in _REFUSED if head.startswith(magic)), None)
+
+
+def _not_readable(head: bytes, name: str) -> SonocadError:
+    fmt = _format_of(head)
+    if fmt:
+        return SonocadError(f"{name}: {fmt} is not a format sonocad reads ({READABLE}); convert it to PNG")
+    return SonocadError(f"{name}: not an image ({READABLE})")
+
+
+@contextlib.contextmanager
+def open_image(source, name: str | None = None, max_pixels: int = MAX_PIXELS):
+    """Pillow's Image.open restricted to DECODED_FORMATS (header read, pixels not decoded), refusing images over
+    `max_pixels`; every problem is a SonocadError naming the file as `name`."""
+    name = name or str(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source, formats=DECODED_FORMATS) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise SonocadError(f"{name}: image of {w}x{h} pixels is over the limit of {max_pixels:,} "
+                                       "(possible decompression bomb)")
+                yield img
+    except UnidentifiedImageError:
+        if hasattr(source, "seek"):
+            source.seek(0)
+            head = source.read(16)
+        else:
+            with open(source, "rb") as f:
+                head = f.read(16)
+        raise _not_readable(head, name) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise SonocadError(f"{name}: refused as a possible decompression bomb") from None
 
 
 def _to_gray(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float32)
+        a = np.array(img, dtype=np.float32)      # a writable copy: the steps below work in place
         hi = float(a.max()) if a.size else 0.0
         if img.mode == "F" or hi > 65535:
             lo = float(a.min())
-            a = (a - lo) / max(hi - lo, 1e-6) * 255.0
+            a -= lo
+            a /= max(hi - lo, 1e-6)
+            a *= 255.0
         elif hi > 255:
-            a = a / 257.0   # 16-bit range onto 8-bit, keeping relative gain between images
-        return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8))
+            a /= 257.0   # 16-bit range onto 8-bit, keeping relative gain between images
+        a += 0.5
+        return Image.fromarray(np.clip(a, 0, 255, out=a).astype(np.uint8))
     if img.mode == "LAB":      # CIE L*a*b*: its lightness band is the gray image
         return img.getchannel(0)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
-    return img.convert("L")
+    return img if img.mode == "L" else img.convert("L")
+
+
+def _all_finite(img: Image.Image) -> bool:
+    """Whether a floating-point image holds no NaN or infinity (checked a band of rows at a time)."""
+    w, h = img.size
+    step = max(1, (1 << 20) // max(1, w))
+    return all(np.isfinite(np.asarray(img.crop((0, r, w, min(r + step, h))))).all() for r in range(0, h, step))
+
+
+def _reduced(img: Image.Image) -> Image.Image:
+    """A decoded image over WORK_SIDE reduced to at most WORK_SIDE px (integer box reduction), a band of about a
+    megapixel at a time, so that nothing but the decoded image itself costs a full image's memory. Palette images
+    become gray (or RGBA) and 16-bit ones 32-bit, as their gray conversion would. Smaller images: themselves."""
+    w, h = img.size
+    if max(w, h) <= WORK_SIDE:
+        return img
+    k = -(-max(w, h) // WORK_SIDE)
+    mode = {"1": "L", "P": "RGBA" if "transparency" in img.info else "L", "PA": "RGBA"}.get(img.mode, img.mode)
+    mode = "I" if mode.startswith("I;16") else mode          # reduce() does not take 16-bit images
+    out = Image.new(mode, (-(-w // k), -(-h // k)))
+    rows = k * max(1, (1 << 20) // (w * k))
+    for top in range(0, h, rows):
+        band = img.crop((0, top, w, min(top + rows, h)))
+        out.paste((band if band.mode == mode else band.convert(mode)).reduce(k), (0, top // k))
+    return out
+
+
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+
+
+def _upright(img: Image.Image, working_size: bool) -> Image.Image:
+    """`img` turned as its EXIF orientation says (and, with `working_size`, reduced to WORK_SIDE first)."""
+    if not working_size or max(img.size) <= WORK_SIDE:
+        ImageOps.exif_transpose(img, in_place=True)
+        return img
+    turn = _ORIENTATION.get(img.getexif().get(0x0112))
+    small = _reduced(img)
+    return small.transpose(turn) if turn is not None else small
 
 
 def decode_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """An uploaded file's bytes (an image PIL reads, or DICOM) as an 8-bit gray PIL image, decoded in memory;
-    errors name the file as `name`, like load_gray's."""
+    """An uploaded file's bytes (an image of DECODED_FORMATS, or DICOM) as an 8-bit gray PIL image of at most
+    WORK_SIDE px, decoded in memory; errors name the file as `name`, like load_gray's."""
     import io
 
     from .dicom import DICOM_SUFFIXES, read_dicom
@@ -54,8 +155,9 @@ def decode_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS
     return _pil_gray(io.BytesIO(data), name, max_pixels)
 
 
-def load_gray(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open `path` as an 8-bit grayscale PIL image (EXIF rotation applied, first frame only).
+def load_gray(path: str, max_pixels: int = MAX_PIXELS, working_size: bool = False) -> Image.Image:
+    """Open `path` as an 8-bit grayscale PIL image (EXIF rotation applied, first frame only); with
+    `working_size`, an image over WORK_SIDE px is reduced to it (which bounds the memory its conversion takes).
     Raises SonocadError with the file name for anything that is not a usable image."""
     from .dicom import is_dicom, read_dicom, split_ref
 
@@ -71,88 +173,51 @@ def load_gray(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
             if min(img.size) < MIN_SIDE:
                 raise SonocadError(f"{path}: image is {img.size[0]}x{img.size[1]} px, under the minimum of "
                                    f"{MIN_SIDE} px")
-            return img
+            return at_working_size(img) if working_size else img
     except SonocadError:
         raise
     except FileNotFoundError:
         raise SonocadError(f"{path}: file not found") from None
     except (IsADirectoryError, PermissionError, OSError) as e:
         raise SonocadError(f"{path}: cannot read ({e.strerror or e})") from None
-    return _pil_gray(path, path, max_pixels)
+    return _pil_gray(path, path, max_pixels, working_size)
 
 
-def _pil_gray(source, path: str, max_pixels: int) -> Image.Image:
-    """`source` (a path or a file object) decoded by PIL; `path` names it in errors."""
+def _pil_gray(source, path: str, max_pixels: int, working_size: bool = True) -> Image.Image:
+    """`source` (a path or a file object) decoded by Pillow; `path` names it in errors."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise SonocadError(f"{path}: image of {w}x{h} pixels is over the limit of {max_pixels:,} "
-                                       "(possible decompression bomb)")
-                if min(w, h) < MIN_SIDE:
-                    raise SonocadError(f"{path}: image is {w}x{h} px, under the minimum of {MIN_SIDE} px")
-                img.seek(0)
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_gray(img)
+        with open_image(source, path, max_pixels) as img:
+            w, h = img.size
+            if min(w, h) < MIN_SIDE:
+                raise SonocadError(f"{path}: image is {w}x{h} px, under the minimum of {MIN_SIDE} px")
+            if working_size and img.format == "JPEG" and max(w, h) > 2 * WORK_SIDE:
+                # decoded at 1/2, 1/4 or 1/8 scale, never below WORK_SIDE: only images over the ceiling differ
+                scale = WORK_SIDE / max(w, h)
+                img.draft(img.mode, (max(1, round(w * scale)), max(1, round(h * scale))))
+            img.seek(0)
+            img.load()
+            if img.mode == "F" and not _all_finite(img):
+                raise SonocadError(f"{path}: floating-point image holds NaN or infinite values")
+            return _to_gray(_upright(img, working_size))
     except SonocadError:
         raise
     except FileNotFoundError:
         raise SonocadError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise SonocadError(f"{path}: is a folder, not an image") from None
-    except UnidentifiedImageError:
-        raise SonocadError(f"{path}: not an image (or a format PIL cannot read)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise SonocadError(f"{path}: refused as a possible decompression bomb") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, TypeError, IndexError, KeyError,
             ZeroDivisionError, AttributeError, RuntimeError) as e:
         # PIL reports truncated or corrupt data through many exception types
         raise SonocadError(f"{path}: corrupt or truncated image ({e.__class__.__name__}: {str(e)[:80]})") from None
 
 
-# Marks are found as strokes thinner than half the window. In images under this size (thumbnails, the
-# synthetic phantoms) lesion margins and speckle are that thin too, so they are left alone. Scanner
-# frames are larger: every BUSI and BUS-BRA image has a shorter side of 190 px or more.
-MIN_CLEAN_SIDE = 160
-
-
-def _local_median(padded: np.ndarray, rows: np.ndarray, cols: np.ndarray, window: int) -> np.ndarray:
-    """Median of the window x window neighbourhood of the given pixels (of the unpadded image)."""
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    windows = sliding_window_view(padded, (window, window))[rows, cols]
-    return np.median(windows.reshape(len(rows), -1), axis=1)
-
-
-def remove_overlays(img: Image.Image, window: int = 9, contrast: int = 50, level: int = 150) -> Image.Image:
-    """Paint over thin bright marks (calipers, text, markers) with the local median of the tissue around
-    them, so a model cannot learn a site's annotations instead of the lesion.
-
-    A pixel is a mark when it is bright (>= level) and much brighter (by `contrast`) than the median of
-    its `window` x `window` neighbourhood: strokes thinner than half the window; tissue edges are not.
-    Images with a side under MIN_CLEAN_SIDE are returned unchanged. Medians are computed only where needed (bright pixels and the marks' borders): the same result as a
-    full median filter (mode 'reflect'), about 20 times faster."""
-    from scipy import ndimage
-
-    if min(img.size) < MIN_CLEAN_SIDE:
+def at_working_size(img: Image.Image) -> Image.Image:
+    """`img` reduced to WORK_SIDE pixels on its longer side when it is larger (aspect ratio kept); else itself."""
+    w, h = img.size
+    if max(w, h) <= WORK_SIDE:
         return img
-    a = np.asarray(img).astype(np.int16)
-    padded = np.pad(a, window // 2, mode="symmetric")   # scipy.ndimage's 'reflect'
-    rows, cols = np.nonzero(a >= level)
-    if not len(rows):
-        return img
-    hit = a[rows, cols] - _local_median(padded, rows, cols, window) >= contrast
-    mask = np.zeros(a.shape, bool)
-    mask[rows[hit], cols[hit]] = True
-    if not mask.any():
-        return img
-    rows, cols = np.nonzero(ndimage.binary_dilation(mask, iterations=1))
-    out = a.copy()
-    out[rows, cols] = _local_median(padded, rows, cols, window)
-    return Image.fromarray(out.astype(np.uint8))
+    scale = WORK_SIDE / max(w, h)
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
 
 
 def to_square(img: Image.Image, size: int, resize: str = "pad", resample=Image.BILINEAR) -> np.ndarray:
@@ -182,13 +247,15 @@ def from_square(prob: np.ndarray, size: tuple[int, int], resize: str = "pad") ->
 
 
 def square_gray(img: Image.Image, size: int, resize: str = "pad", clean_overlays: bool = False) -> np.ndarray:
-    """A decoded gray image as the model takes it: overlays painted over (if asked), resized to size x size."""
+    """A decoded gray image as the model takes it: at most WORK_SIDE px, overlays painted over (if asked),
+    resized to size x size."""
+    img = at_working_size(img)
     return to_square(remove_overlays(img) if clean_overlays else img, size, resize)
 
 
 def load_square(path: str, size: int, resize: str = "pad", max_pixels: int = MAX_PIXELS,
                 clean_overlays: bool = False) -> np.ndarray:
-    return square_gray(load_gray(path, max_pixels), size, resize, clean_overlays)
+    return square_gray(load_gray(path, max_pixels, working_size=True), size, resize, clean_overlays)
 
 
 def load_many(paths: list[str], size: int, resize: str = "pad", skip_bad: bool = False,
@@ -217,24 +284,42 @@ def load_many(paths: list[str], size: int, resize: str = "pad", skip_bad: bool =
     return arr, good, problems
 
 
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) of the image load_gray gives (EXIF rotation applied), from the header where the format
+    allows (DICOM: decoded, for its ultrasound region)."""
+    from .dicom import is_dicom, split_ref
+
+    file = split_ref(path)[0]
+    if is_dicom(file):
+        return load_gray(path).size
+    try:
+        with open_image(file, path) as img:
+            w, h = img.size
+            return (h, w) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
+    except FileNotFoundError:
+        raise SonocadError(f"{path}: file not found") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise SonocadError(f"{path}: corrupt or truncated image ({e.__class__.__name__})") from None
+
+
 def load_mask(mask_paths, image_path: str, size: int, resize: str = "pad") -> np.ndarray:
     """Union of an image's lesion masks, resized like the image, as a boolean (size, size) array. A mask of
     another size than its image is refused: it cannot be placed on it."""
     from .dicom import is_dicom, split_ref
 
     file = split_ref(image_path)[0]
-    image_size = None
+    size_of_image = None
     if not is_dicom(file):
         try:
-            with Image.open(file) as img:
-                image_size = img.size
-        except (OSError, ValueError, SyntaxError):
-            image_size = None       # the image's own problem is reported where it is decoded
+            size_of_image = image_size(file)
+        except SonocadError:
+            pass       # the image's own problem is reported where it is decoded
     out = np.zeros((size, size), bool)
     for p in mask_paths:
-        m = load_gray(p)
-        if image_size is not None and m.size != image_size:
-            raise SonocadError(f"{p}: mask is {m.size[0]}x{m.size[1]} px, its image {file} is "
-                               f"{image_size[0]}x{image_size[1]} px")
+        m = load_gray(p, working_size=True)
+        mask_size = image_size(p)                  # its own size, before any reduction to WORK_SIDE
+        if size_of_image is not None and mask_size != size_of_image:
+            raise SonocadError(f"{p}: mask is {mask_size[0]}x{mask_size[1]} px, its image {file} is "
+                               f"{size_of_image[0]}x{size_of_image[1]} px")
         out |= to_square(m, size, resize, resample=Image.NEAREST) > 127
     return out

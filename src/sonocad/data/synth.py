@@ -246,12 +246,15 @@ def make_phantom(label: str, rng: np.random.Generator, size: int = 128) -> tuple
 
 
 def write_phantom_set(
-    out_dir, n: int = 200, seed: int = 0, size: int = 128, classes=("benign", "malignant")
+    out_dir, n: int = 200, seed: int = 0, size: int = 128, classes=("benign", "malignant"), add: bool = False
 ) -> dict:
     """Write n phantoms in the BUSI layout: out_dir/<class>/<class> (i).png plus '<class> (i)_mask.png'.
 
     n is split as evenly as possible across classes (earlier classes get the remainder).
-    Returns {"out": str(out_dir), "n": n, "n_per_class": {...}}. Same seed -> byte-identical files.
+    Returns {"out": str(out_dir), "n": n, "n_per_class": {...}, "written": files written}. Same seed ->
+    byte-identical files. A folder that already holds files is refused unless `add`; then phantoms are written
+    beside them, and a file of a phantom's name is kept when it holds that phantom's bytes and refused (before
+    anything is written) when it holds anything else: no file is ever written over.
     """
     if isinstance(classes, str):
         classes = (classes,)
@@ -274,16 +277,56 @@ def write_phantom_set(
     out = Path(out_dir)
     base, extra = divmod(n, len(classes))
     per_class = {c: base + (i < extra) for i, c in enumerate(classes)}
+    jobs = [(c, i) for c, count in per_class.items() for i in range(1, count + 1)]
+    written = 0
     try:
-        for c, count in per_class.items():
-            folder = out / c
-            folder.mkdir(parents=True, exist_ok=True)
-            ci = CLASSES.index(c)
-            for i in range(1, count + 1):
-                # One generator per image: image i of a class does not depend on n or class order.
-                img, mask = make_phantom(c, np.random.default_rng([seed, ci, i]), size)
-                Image.fromarray(img).save(folder / f"{c} ({i}).png")
-                Image.fromarray(mask).save(folder / f"{c} ({i})_mask.png")
+        if out.is_dir() and any(out.iterdir()) and not add:
+            raise SonocadError(f"{out} already holds files; choose an empty or new folder, or add phantoms beside "
+                               "them with --add (no file is written over)")
+        if out.exists() and not out.is_dir():
+            raise SonocadError(f"cannot write phantoms to {out}: it is a file, not a folder")
+        kept = {job for job in jobs if _check_existing(out, seed, size, *job)}
+        for c, i in jobs:
+            if (c, i) in kept:
+                continue
+            (out / c).mkdir(parents=True, exist_ok=True)
+            for path, data in zip(_names(out, c, i), _phantom_png(c, seed, size, i)):
+                if path.exists():                  # checked above: this phantom's own bytes
+                    continue
+                with open(path, "xb") as f:        # exclusive: never over a file that appeared meanwhile
+                    f.write(data)
+                written += 1
     except OSError as e:
         raise SonocadError(f"cannot write phantoms to {out}: {e.strerror or e}") from None
-    return {"out": str(out), "n": n, "n_per_class": per_class}
+    return {"out": str(out), "n": n, "n_per_class": per_class, "written": written}
+
+
+def _names(out: Path, c: str, i: int) -> tuple[Path, Path]:
+    return out / c / f"{c} ({i}).png", out / c / f"{c} ({i})_mask.png"
+
+
+def _phantom_png(c: str, seed: int, size: int, i: int) -> tuple[bytes, bytes]:
+    """Phantom i of class c as PNG bytes (image, mask). One generator per image: image i of a class does not
+    depend on n or class order."""
+    import io
+
+    img, mask = make_phantom(c, np.random.default_rng([seed, CLASSES.index(c), i]), size)
+    out = []
+    for a in (img, mask):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out[0], out[1]
+
+
+def _check_existing(out: Path, seed: int, size: int, c: str, i: int) -> bool:
+    """Whether phantom i of class c is already in `out` (both files, byte for byte); refuses a file of its name
+    that holds anything else."""
+    names = _names(out, c, i)
+    there = [p for p in names if p.exists() or p.is_symlink()]
+    if not there:
+        return False
+    for path, data in zip(names, _phantom_png(c, seed, size, i)):
+        if path in there and (not path.is_file() or path.read_bytes() != data):
+            raise SonocadError(f"{path} exists and is not this phantom; nothing was written (choose another folder)")
+    return len(there) == len(names)

@@ -87,7 +87,7 @@ def _image_features(gray: np.ndarray, settings: DedupSettings):
 
 def _as_gray(x) -> np.ndarray:
     if isinstance(x, str) or hasattr(x, "__fspath__"):
-        x = load_gray(str(x))
+        x = load_gray(str(x), working_size=True)
     return np.asarray(x.convert("L") if isinstance(x, Image.Image) else x, np.uint8)
 
 

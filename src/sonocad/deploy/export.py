@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import OptionError, SonocadError
-from ..io.files import atomic_path
+from ..io.files import atomic_path, refuse_replacing
 from ..io.rundir import refuse_writing_into_runs
 from ..models.classifier import probabilities
 from ..runtime.extras import require
@@ -41,6 +41,16 @@ class _Logits(nn.Module):
         return self.model(image)
 
 
+def _written_by_export(path: Path) -> bool:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:      # not an ONNX file at all (protobuf raises its own errors)
+        return False
+    return any(p.key == METADATA_KEY for p in model.metadata_props)
+
+
 def export_onnx(run: str | Path, out: str | Path, int8: bool = False, calibration=None,
                 n_calibration: int = 64) -> dict:
     """Write the run's model to `out` (one .onnx file, batch dimension dynamic); with `int8`, statically
@@ -50,7 +60,8 @@ def export_onnx(run: str | Path, out: str | Path, int8: bool = False, calibratio
     out = Path(out)
     if out.suffix != ".onnx":
         raise OptionError("out", f"{out}: give a file name ending in .onnx")
-    refuse_writing_into_runs(out, [resolve(run)], "out")
+    refuse_writing_into_runs(out, [resolve(run), calibration], "out")
+    refuse_replacing(out, "out", _written_by_export, "an ONNX file written by sonocad export")
     predictor = Predictor.load(run, precision="fp32")
     if len(predictor.members) != 1:
         raise SonocadError(f"{run}: an ensemble of {len(predictor.members)} fold models; export one run (a fold)")

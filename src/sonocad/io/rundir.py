@@ -20,7 +20,7 @@ import socket
 from pathlib import Path
 
 from ..errors import OptionError, SonocadError
-from .files import atomic_write_text
+from .files import TEMPORARY, atomic_write_text
 
 MARKER = "run.json"                      # written last: the run is finished, and these are its files
 STARTED = Path("checkpoints") / "data.json"   # written first by every training run since run.json exists
@@ -171,9 +171,11 @@ class RunLock:
 
     def __init__(self, run: str | os.PathLike, option: str = "out"):
         self.run, self.option, self.fd = canonical(run), option, None
+        self.made: list[Path] = []      # folders this lock made (the run's and its parents), newest first
 
     def __enter__(self) -> "RunLock":
         path = _lock_path(self.run)
+        self.made = [p for p in (self.run, *self.run.parents) if not p.exists()]
         for _ in range(5):
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,9 +205,21 @@ class RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.close(self.fd)     # releases the flock; the file stays (removing it would race a new writer)
-            self.fd = None
+        """Release the lock and leave nothing behind that the command did not mean to write: a run folder it
+        made and left without a file, the lock file, the parent folders it made for them. Removing the lock file
+        while holding it is safe: a process that opened it meanwhile finds it gone once it holds it, and retries."""
+        if self.fd is None:
+            return
+        if self.run in self.made and not any(p.is_file() or p.is_symlink() for p in self.run.rglob("*")):
+            remove(self.run)
+        _lock_path(self.run).unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+        for folder in self.made[1:]:
+            try:
+                folder.rmdir()
+            except OSError:
+                break                # not empty (or not ours to remove): the folders above it stay too
 
 
 def scratch_dir(run: Path) -> Path:
@@ -229,6 +243,18 @@ def _recover(run: Path) -> None:
         os.rename(olds[-1], run)           # the fallback swap died between its two renames: the old run back
     for p in leftovers:
         remove(p)
+    if state(run) in ("finished", "unfinished"):     # a killed writer's temporary files (a sonocad folder only)
+        for folder in (run, run / "checkpoints", run / "plots"):
+            for p in _ls(folder):
+                if TEMPORARY.fullmatch(p.name) and p.is_file():
+                    p.unlink(missing_ok=True)
+
+
+def _ls(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
 
 
 def remove(path: Path) -> None:
@@ -288,10 +314,12 @@ def prepare_output(out: Path, allowed_kind: str, option: str = "out", overwrite:
 
 
 def refuse_writing_into_runs(out: str | os.PathLike, reading: list, option: str) -> None:
-    """Refuse an output path (a file, or a folder a command fills) that lies inside a run being read, or
-    inside any other sonocad result folder, whose files it could replace."""
+    """Refuse an output path (a file, or a folder a command fills) that is, or lies inside, what the command
+    reads (a run, a data folder or manifest, an image; lists of them, None for none), or inside any other
+    sonocad result folder, whose files it could replace."""
     out = Path(out).expanduser().resolve()
-    for run in reading:
+    flat = [r for item in reading for r in (item if isinstance(item, (list, tuple)) else [item]) if r is not None]
+    for run in flat:
         run = Path(run).expanduser().resolve()
         if out == run or run in out.parents:
             raise OptionError(option, f"{out} is inside {run}, which this command reads; write elsewhere")

@@ -3,17 +3,21 @@
     GET  /              the page: choose or drop a scan, read the probability, the decision at the run's
                         operating points, the heatmap; the model card; no resource from anywhere else
     POST /api/predict   multipart field `file` (PNG, JPEG, BMP, TIFF, DICOM, at most 20 MB) -> JSON
-    GET  /api/model     the model card as JSON
+    GET  /api/model     the model card as JSON (file names, never a machine's paths)
     GET  /healthz       {"status": "ok"}
     GET  /openapi.json  the API's OpenAPI description
 
-Uploads are decoded in memory and never written to disk; the log names requests, never image content.
+Uploads are read by the server itself (serve.upload: in memory, never beyond the limit, never on disk) and
+decoded in memory; at most `max_decoding` at once, `max_waiting` more wait, beyond that 503. With a `token`,
+the API asks for it (`Authorization: Bearer TOKEN`; the page asks the user). Every error is a JSON
+`{"error": one line}`; the log names requests, never image content.
 
 >>> app = create_app("runs/busi")      # an ASGI app: uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import base64
+import hmac
 import io
 import json
 import threading
@@ -22,31 +26,42 @@ from pathlib import Path
 import numpy as np
 
 # module level: FastAPI reads the endpoints' annotations (strings here) from this module's names
-from fastapi import FastAPI, File, Request, UploadFile
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException
 
 from ..analysis.explain import caption, explained_views, render
 from ..data.images import decode_bytes, square_gray
-from ..errors import SonocadError
+from ..errors import OptionError, SonocadError
 from ..workflows.evaluate import load
 from ..zoo import resolve
+from .page import PAGE
+from .upload import UploadError, read_upload
 
 MAX_BYTES = 20 * 2**20
+MAX_DECODING = 8        # uploads decoded at once: each costs at most about 460 MiB (docs/serve.md)
+MAX_WAITING = 32        # requests beyond those that wait for a turn; more get 503
 DISCLAIMER = "Research tool, not a diagnostic device: its output is not a diagnosis."
 ACCEPTED = ("image/", "application/dicom", "application/octet-stream")
+UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary", "description": "PNG, JPEG, BMP, TIFF or DICOM"}}}}}}}
 
 
 def model_card(run: str | Path, predictor) -> dict:
-    """What the page and /api/model say about the model: classes, data, measured figures, intended use."""
+    """What the page and /api/model say about the model: classes, data (folder names, not paths), measured
+    figures, intended use."""
     info = predictor.info
     card = {"run": Path(run).name, "model": info.config.model, "classes": info.classes, "positive": info.positive,
-            "input_size": info.img_size, "trained_on": info.data.get("source"), "version": info.version,
+            "input_size": info.img_size, "trained_on": _names(info.data.get("source")), "version": info.version,
             "operating_points": info.thresholds, "intended_use": "research on breast-ultrasound lesion "
             "classification; " + DISCLAIMER}
     chosen = dict(info.operating_points or {})
     if chosen:      # the figures each point was chosen at (runs trained before these were recorded have none)
-        card["chosen_on"] = {"data": chosen.pop("chosen_on", None), "operating_points": chosen}
+        card["chosen_on"] = {"data": _without_paths(chosen.pop("chosen_on", None), info.data),
+                             "operating_points": chosen}
     metrics = resolve(run) / "metrics.json"
     if metrics.is_file():
         m = json.loads(metrics.read_text())
@@ -57,12 +72,36 @@ def model_card(run: str | Path, predictor) -> dict:
     return card
 
 
-def analyse(predictor, data: bytes, name: str) -> dict:
-    """Probabilities (the run's test-time views), the decision at each operating point and a heatmap picture
-    (PNG, base64) for one uploaded scan."""
+def _names(source):
+    """A data source (a folder or manifest, or a list of them) by name only: no machine's paths in public."""
+    if isinstance(source, (list, tuple)):
+        return [_names(s) for s in source]
+    return Path(source).name if isinstance(source, str) else source
+
+
+def _without_paths(text, data: dict):
+    """`text` with every data source the run records (training, calibration) written by its name only."""
+    if not isinstance(text, str):
+        return text
+    sources = []
+    for part in (data, data.get("base_data") or {}, data.get("calibration_data") or {}):
+        found = part.get("source") if isinstance(part, dict) else None
+        sources += found if isinstance(found, list) else [found]
+    for s in sorted((s for s in sources if isinstance(s, str) and s), key=len, reverse=True):
+        text = text.replace(s, Path(s).name)
+    return text
+
+
+def decode_upload(predictor, data: bytes, name: str) -> np.ndarray:
+    """An uploaded scan decoded as the run was trained: (1, S, S) uint8."""
     cfg = predictor.info.config
-    image = np.array(square_gray(decode_bytes(data, name), predictor.info.img_size, cfg.resize,
-                                 cfg.clean_overlays))[None]
+    return np.array(square_gray(decode_bytes(data, name), predictor.info.img_size, cfg.resize,
+                                cfg.clean_overlays))[None]
+
+
+def analyse(predictor, image: np.ndarray, name: str) -> dict:
+    """Probabilities (the run's test-time views), the decision at each operating point and a heatmap picture
+    (PNG, base64) for one decoded scan (decode_upload)."""
     torch_model = hasattr(predictor.members[0][0], "backbone")     # Grad-CAM needs the PyTorch model
     cams, probs = explained_views(predictor, image) if torch_model else (None, predictor.predict_proba(image))
     probs = probs[0]
@@ -80,49 +119,103 @@ def analyse(predictor, data: bytes, name: str) -> dict:
     return out
 
 
-def create_app(run: str | Path, precision: str = "auto", max_bytes: int = MAX_BYTES):
-    """The FastAPI application serving `run` (a run directory, a cv folder or an exported .onnx file)."""
+class Admission:
+    """At most `decoding` requests decode at once and `waiting` more wait for a turn (each holding its upload, at
+    most max_bytes); a request beyond those is turned away (503) before its body is read."""
+
+    def __init__(self, decoding: int, waiting: int):
+        self.decoding = threading.BoundedSemaphore(decoding)
+        self.capacity, self.active, self.lock = decoding + waiting, 0, threading.Lock()
+
+    def enter(self) -> bool:
+        with self.lock:
+            if self.active >= self.capacity:
+                return False
+            self.active += 1
+            return True
+
+    def leave(self) -> None:
+        with self.lock:
+            self.active -= 1
+
+
+def create_app(run: str | Path, precision: str = "auto", max_bytes: int = MAX_BYTES, token: str | None = None,
+               max_decoding: int = MAX_DECODING, max_waiting: int = MAX_WAITING):
+    """The FastAPI application serving `run` (a run directory, a cv folder or an exported .onnx file). With a
+    `token`, the API answers only requests that carry it (`Authorization: Bearer TOKEN`)."""
+    for option, value in (("max_decoding", max_decoding), ("max_waiting", max_waiting)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 4096 or \
+                (option == "max_decoding" and value < 1):
+            raise OptionError(option, f"must be a whole number from {int(option == 'max_decoding')} to 4096, "
+                                      f"not {value!r}")
     predictor = load(run, precision)
     card = model_card(run, predictor)
-    busy = threading.Lock()          # one model, one scan at a time; requests queue
+    busy = threading.Lock()          # one model, one scan at a time
+    admission = Admission(max_decoding, max_waiting)
     app = FastAPI(title="sonocad", description=DISCLAIMER, docs_url=None, redoc_url=None)
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    def refused(request: Request) -> JSONResponse | None:
+        """401 when the server has a token and the request does not carry it."""
+        if token is None:
+            return None
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+            return None
+        return error(401, "this server asks for its access token (Authorization: Bearer TOKEN)",
+                     {"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return error(422, f"{where or 'request'}: {first.get('msg', 'invalid request')}".replace("\n", " "))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail).replace("\n", " "), getattr(exc, "headers", None))
 
     @app.get("/", response_class=HTMLResponse)
-    def page() -> str:
+    async def page() -> str:
         return PAGE
 
     @app.get("/healthz")
-    def healthz() -> dict:
+    async def healthz() -> dict:
         return {"status": "ok"}
 
     @app.get("/api/model")
-    def model() -> dict:
-        return card
+    async def model(request: Request):
+        return refused(request) or card
 
-    @app.post("/api/predict")
-    async def predict(request: Request, file: UploadFile = File(...)):
-        size = int(request.headers.get("content-length") or 0)
-        if size > max_bytes + 64 * 1024:
-            return error(413, f"upload of {size:,} bytes is over the limit of {max_bytes:,}")
-        kind = (file.content_type or "application/octet-stream").lower()
-        if not kind.startswith(ACCEPTED):
-            return error(415, f"{kind} is not an image; send PNG, JPEG, BMP, TIFF or DICOM")
-        data = await file.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            return error(413, f"upload is over the limit of {max_bytes:,} bytes")
-        name = Path(file.filename or "upload").name
-
-        def work():
-            with busy:
-                return analyse(predictor, data, name)
+    @app.post("/api/predict", openapi_extra=UPLOAD_SCHEMA)
+    async def predict(request: Request):
+        if (no := refused(request)) is not None:
+            return no
+        if not admission.enter():
+            return error(503, f"busy: {admission.capacity} scans are being analysed or wait; try again shortly",
+                         {"Retry-After": "2"})
         try:
-            return await run_in_threadpool(work)
-        except SonocadError as e:
-            message = str(e)
-            return error(413 if "over the limit" in message or "decompression bomb" in message else 415, message)
+            try:
+                upload = await read_upload(request, max_bytes)
+            except UploadError as e:
+                return error(e.status, e.message)
+            if not upload.content_type.startswith(ACCEPTED):
+                return error(415, f"{upload.content_type} is not an image; send PNG, JPEG, BMP, TIFF or DICOM")
+
+            def work():
+                with admission.decoding:
+                    image = decode_upload(predictor, upload.data, upload.name)
+                with busy:
+                    return analyse(predictor, image, upload.name)
+            try:
+                return await run_in_threadpool(work)
+            except SonocadError as e:
+                message = str(e)
+                return error(413 if "over the limit" in message or "decompression bomb" in message else 415, message)
+        finally:
+            admission.leave()
 
     return app
 
@@ -153,66 +246,46 @@ def serve_in_background(app, wait: float = 30.0):
     raise RuntimeError(f"the server on {url} did not answer within {wait:.0f} s")
 
 
-def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, precision: str = "auto") -> None:
-    """Serve `run` until interrupted."""
+TOKEN_VARIABLE = "SONOCAD_TOKEN"
+MIN_TOKEN = 16
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is an address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False        # a host name or an address of the network
+
+
+def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, precision: str = "auto",
+          token: str | None = None, insecure: bool = False, max_decoding: int = MAX_DECODING,
+          max_waiting: int = MAX_WAITING) -> None:
+    """Serve `run` until interrupted. An address other than this machine's loopback needs an access token
+    (`token`, or $SONOCAD_TOKEN), or `insecure` to serve without one, said in a warning."""
+    import os
+    import sys
+
     import uvicorn
 
-    app = create_app(run, precision)
+    token = token or os.environ.get(TOKEN_VARIABLE) or None
+    if token is not None and (len(token) < MIN_TOKEN or not token.isprintable() or " " in token):
+        raise OptionError("token", f"must be at least {MIN_TOKEN} printable characters without spaces, e.g. "
+                          "python3 -c 'import secrets; print(secrets.token_urlsafe())'")
+    local = is_loopback(host)
+    if not local and token is None and not insecure:
+        raise OptionError("host", f"{host} serves to the network: give an access token (--token, or "
+                          f"${TOKEN_VARIABLE}), or serve without one with --insecure")
+    app = create_app(run, precision, token=token, max_decoding=max_decoding, max_waiting=max_waiting)
+    if not local and token is None:
+        print(f"sonocad: warning: serving on {host}:{port} without an access token (--insecure): anyone who "
+              "reaches this port can send scans and read the model card", file=sys.stderr, flush=True)
+    if not local:
+        print("sonocad: warning: plain HTTP: scans and the token cross the network unencrypted unless TLS is put in "
+              "front of the server (docs/serve.md)", file=sys.stderr, flush=True)
     print(f"sonocad serves {run} at http://{host}:{port}/ ({DISCLAIMER}) Ctrl-C stops it.", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
-
-
-PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>sonocad</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>body{font-family:system-ui,sans-serif;max-width:900px;margin:1.5em auto;color:#222;padding:0 1em}
-.note{background:#fff4e0;padding:.6em;border-left:4px solid #e90}#drop{border:2px dashed #888;padding:2em;
-text-align:center;margin:1em 0;cursor:pointer}#drop.over{background:#eef}table{border-collapse:collapse}
-td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}#err{color:#b00}img{max-width:100%}</style></head>
-<body><h1>sonocad</h1><p class="note" id="notice">Research tool, not a diagnostic device: its output is not a
-diagnosis.</p>
-<div id="drop">Drop a scan here, or <label>choose one <input type="file" id="file"></label>
-<br><small>PNG, JPEG, BMP, TIFF or DICOM, at most 20 MB; it is analysed in memory, not stored.</small></div>
-<p id="err" role="alert"></p><div id="result" hidden><h2>Result</h2>
-<p>Probability of <span id="positive"></span>: <b id="prob"></b> &nbsp;(<span id="predicted"></span>)</p>
-<table id="decisions"></table><p><img id="heatmap" alt="heatmap over the scan"></p></div>
-<h2>Model card</h2><div id="card">loading...</div>
-<script>
-const $ = (id) => document.getElementById(id);
-function row(cells, head) { const tr = document.createElement("tr"); for (const c of cells) {
-  const td = document.createElement(head ? "th" : "td"); td.textContent = c; tr.appendChild(td); } return tr; }
-let card = null;
-fetch("/api/model").then(r => r.json()).then(c => { card = c; const box = $("card"); box.textContent = "";
-  const t = document.createElement("table");
-  t.appendChild(row(["model", c.model + " (" + c.input_size + " px)"]));
-  t.appendChild(row(["classes", c.classes.join(", ")]));
-  t.appendChild(row(["trained on", JSON.stringify(c.trained_on)]));
-  if (c.test_part) { const tp = c.test_part; t.appendChild(row(["held-out test part", "n = " + tp.n +
-      ", AUC " + tp.auc.toFixed(3) + " (95% CI " + tp.auc_ci[0].toFixed(3) + "-" + tp.auc_ci[1].toFixed(3) + ")"])); }
-  t.appendChild(row(["intended use", c.intended_use])); box.appendChild(t); });
-async function send(file) {
-  $("err").textContent = ""; const form = new FormData(); form.append("file", file);
-  const r = await fetch("/api/predict", {method: "POST", body: form}); const j = await r.json();
-  if (!r.ok) { $("err").textContent = j.error || ("error " + r.status); $("result").hidden = true; return; }
-  $("positive").textContent = card ? card.positive || j.predicted : "";
-  $("prob").textContent = j.probability !== undefined ? j.probability.toFixed(4) : JSON.stringify(j.probabilities);
-  $("predicted").textContent = "called " + j.predicted + " at the default operating point";
-  const t = $("decisions"); t.textContent = ""; const chosen = card && card.chosen_on ? card.chosen_on : null;
-  t.appendChild(row(["operating point", "threshold", "decision", "sensitivity / specificity where chosen (" +
-    (chosen ? chosen.data : "not recorded") + ")", "sensitivity / specificity on the held-out test part"], true));
-  const pair = (op) => op ? op.sensitivity.toFixed(3) + " / " + op.specificity.toFixed(3) : "n/a";
-  for (const [name, d] of Object.entries(j.decisions || {})) {
-    const val = chosen ? chosen.operating_points[name] : null;
-    const test = card && card.test_part ? card.test_part.operating_points[name] : null;
-    const promise = val && val.promised_sensitivity !== undefined ? " (promises sensitivity \u2265 " +
-      val.promised_sensitivity.toFixed(3) + " on new cases)" : "";
-    t.appendChild(row([name, d.threshold.toFixed(3), d.decision, pair(val) + promise, pair(test)])); }
-  if (j.heatmap_png) { $("heatmap").src = "data:image/png;base64," + j.heatmap_png; $("heatmap").hidden = false; }
-  else { $("heatmap").hidden = true; }
-  $("result").hidden = false; }
-$("file").addEventListener("change", (e) => { if (e.target.files[0]) send(e.target.files[0]); });
-const drop = $("drop");
-drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
-drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over");
-  if (e.dataTransfer.files[0]) send(e.dataTransfer.files[0]); });
-</script></body></html>"""

@@ -22,6 +22,7 @@ from ..config import TrainConfig
 from ..data import discover, load_many, resolve_classes, stratified_group_split, undersample
 from ..data.augment import augment_batch
 from ..data.cache import AUTO_DISK_BYTES, cached_images, cached_masks
+from ..data.dicom import split_ref
 from ..data.images import load_mask
 from ..data.split import group_ids
 from ..errors import SonocadError
@@ -192,12 +193,18 @@ def with_duplicate_groups(split: Split, cfg: TrainConfig, progress: bool = False
     return replace(split, groups=group_ids(groups)), n_dup
 
 
+def _size_and_time(path: str) -> tuple[int, int]:
+    """Size and modification time (ns) of a sample's file (a cine loop's file for one of its frames)."""
+    st = os.stat(split_ref(path)[0])
+    return st.st_size, st.st_mtime_ns
+
+
 def dedup_cache_key(paths: list[str], settings) -> str:
     """Cache key of a duplicate search: every setting of the search (`settings.fingerprint()`), the precision
     its embeddings run at, and every file's name, size and modification time."""
     from ..models.infer import resolve_precision
 
-    stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    stats = [(p, *_size_and_time(p)) for p in paths]
     # the embeddings run in bf16 where the CPU has it: a cache shared between machines must not mix them
     key = [settings.fingerprint(), resolve_precision("auto").name, stats]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
@@ -310,11 +317,7 @@ def data_record(samples: list, test_samples: list = ()) -> dict:
     """What a run is trained (and tested) on, file by file: path, size, modification time, label, group,
     site. Written when a run starts, compared when it resumes."""
     def rows(ss):
-        out = []
-        for s in ss:
-            st = os.stat(s.path)
-            out.append([os.path.abspath(s.path), st.st_size, st.st_mtime_ns, s.label, s.group, s.site])
-        return out
+        return [[os.path.abspath(s.path), *_size_and_time(s.path), s.label, s.group, s.site] for s in ss]
 
     return {"data": rows(samples), "test": rows(test_samples)}
 

@@ -40,7 +40,7 @@ def calibrate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False
     once the new one is complete). Returns its metrics (figures on the local set itself, where the thresholds
     were chosen: evaluate the new run on other local scans for honest figures)."""
     source = resolve(run)
-    refuse_writing_into_runs(out, [source], "out")
+    refuse_writing_into_runs(out, [source, data], "out")
     with RunLock(out) as lock:
         out = lock.run
         work = ensure_writable_dir(prepare_output(out, allowed_kind="", overwrite=overwrite, in_place=False))

@@ -84,6 +84,7 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
         raise OptionError("repeats", f"must be at least 1, not {repeats}")
     if not 1 <= workers <= 256:
         raise OptionError("workers", f"must be between 1 and 256, not {workers}")
+    rundir.refuse_writing_into_runs(out, [data, external], "out")
     with RunLock(out) as lock:
         out = lock.run
         st = rundir.state(out)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..analysis.explain import explanation_metrics, picture_name, write_pictures
+from ..analysis.explain import PICTURE, explanation_metrics, picture_name, write_pictures
 from ..analysis.segment import has_mask_head, segmentation_report, write_masks
 from ..config import RunInfo
 from ..data import discover
@@ -29,15 +29,8 @@ from ..evaluation.reader import (
     score_reader,
 )
 from ..evaluation.results import data_source, score_predictions, write_evaluation
-from ..io.files import ensure_writable_dir
-from ..io.rundir import (
-    RunLock,
-    finish,
-    prepare_output,
-    refuse_writing_into_runs,
-    remove,
-    swap_in,
-)
+from ..io.files import ensure_writable_dir, refuse_foreign_files
+from ..io.rundir import RunLock, finish, prepare_output, refuse_writing_into_runs, remove, swap_in
 from ..zoo import resolve
 
 
@@ -67,7 +60,7 @@ def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
     `shortcut=True` adds the shortcut check (overlays removed, lesion masked out) on images with masks.
     `reader_score`: a manifest column of the readers' scores (BI-RADS), compared with the model on the same
     images (sonocad.evaluation.reader; BUS-BRA's BI-RADS by default where the data carry it, "none" to leave it out)."""
-    refuse_writing_into_runs(out, [run], "out")
+    refuse_writing_into_runs(out, [run, data], "out")
     with RunLock(out) as lock:
         out = lock.run
         # always built beside and swapped in: a kill leaves the earlier evaluation, or none, never half of one
@@ -150,7 +143,8 @@ def predict_paths(run: str | Path, inputs: list[str | Path], skip_bad: bool = Fa
                           "or an ONNX file)")
     for name, folder in (("heatmaps", heatmaps), ("masks", masks)):
         if folder is not None:
-            refuse_writing_into_runs(folder, [run], name)
+            refuse_writing_into_runs(folder, [run, list(inputs)], name)
+            refuse_foreign_files(folder, name, PICTURE.fullmatch, "pictures sonocad wrote")
     heatmaps = ensure_writable_dir(heatmaps, "heatmaps") if heatmaps is not None else None
     masks = ensure_writable_dir(masks, "masks") if masks is not None else None
     files = [ref for f in image_files(inputs) for ref in frame_refs(str(f), predictor.info.config.frames)]
@@ -208,7 +202,9 @@ def explain_paths(run: str | Path, inputs: list[str | Path], out: str | Path, ta
     from ..io.files import atomic_write_text
 
     predictor = Predictor.load(run, precision)
-    refuse_writing_into_runs(out, [run], "out")
+    refuse_writing_into_runs(out, [run, list(inputs)], "out")
+    refuse_foreign_files(out, "out", lambda n: PICTURE.fullmatch(n) or n == "explanations.csv",
+                         "pictures and the explanations.csv sonocad explain wrote")
     out = ensure_writable_dir(out)
     classes = predictor.classes
     if target == "default":

@@ -126,6 +126,8 @@ def fit(data, out, cfg: TrainConfig | None = None, test_data=None, progress: boo
     if not dist.is_main():      # under torchrun: rank 0 holds the lock and prepares the folder, then all train
         cfg, work = dist.broadcast(None)
         return _fit(data, Path(work), cfg, test_data, False, resume)
+    if not resume:          # a run resumed is where it was started, checked then
+        rundir.refuse_writing_into_runs(out, [data, test_data], "out")
     with RunLock(out) as lock:
         out = lock.run
         if resume:
