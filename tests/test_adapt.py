@@ -58,7 +58,7 @@ def adapted(tiny_run, local_scans, tmp_path_factory):
                                                                  real[2](tail, score))[1])
     out = tmp_path_factory.mktemp("adapted") / "run"
     try:
-        metrics = adapt(tiny_run, str(manifest), out, seed=0, dedup=False)
+        metrics = adapt(tiny_run, str(manifest), out, seed=0, dedup=False, blocks=2)
     finally:
         patch.undo()
     return out, metrics, calls, seen
@@ -123,7 +123,7 @@ def test_the_saved_model_is_the_cut_model_put_back_together(adapted, local_scans
 
 def test_same_seed_same_numbers(adapted, tiny_run, local_scans, tmp_path):
     out, metrics, _, _ = adapted
-    again = adapt(tiny_run, str(local_scans[0]), tmp_path / "again", seed=0, dedup=False)
+    again = adapt(tiny_run, str(local_scans[0]), tmp_path / "again", seed=0, dedup=False, blocks=2)
     for key in ("auc", "operating_points", "adapt"):
         assert json.dumps(again[key], sort_keys=True) == json.dumps(metrics[key], sort_keys=True)
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()

@@ -165,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed: folds, augmented views, training order")
     p.add_argument("--folds", type=int, default=5, help="cross-fitting folds (fewer when a class has fewer "
                    "independent scans)")
-    p.add_argument("--blocks", type=int, default=2, help="backbone blocks fine-tuned beside the head (default 2, as "
-                   "training's phase 2; 0: the head alone)")
+    p.add_argument("--blocks", type=int, default=0, help="backbone blocks fine-tuned beside the head (default 0: the "
+                   "head alone, on features computed once; 2: also the two that training's phase 2 unfreezes)")
     p.add_argument("--target-sensitivity", type=float, default=0.95, help="the high-sensitivity point's target, "
                    "kept on new cases with 95%% confidence where the local cancers allow (default 0.95)")
     p.add_argument("--no-dedup", dest="dedup", action="store_false", help="do not search the local scans for "

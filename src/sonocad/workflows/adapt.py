@@ -57,7 +57,7 @@ from ..zoo import resolve
 ADAPTED_FILES = ("config.json", "model.safetensors", "metrics.json", "predictions.csv", "report.html")
 # schedules the folds compare: epochs at a constant rate, for the head alone and with backbone blocks
 EPOCHS = {0: (0, 2, 5, 10, 20, 40, 80), "blocks": (0, 3, 6, 12)}
-BLOCKS = 2                              # backbone blocks fine-tuned beside the head by default
+BLOCKS = 0                              # backbone blocks fine-tuned beside the head by default (docs/adapt.md)
 FOLDS = 5
 MIN_PER_CLASS = 3                       # independent scans of each class needed to cross-fit
 
