@@ -29,7 +29,7 @@ def test_page_has_no_outside_resources_and_the_notice(client):
     assert "http://" not in r.text and "https://" not in r.text
     assert client.get("/healthz").json() == {"status": "ok"}
     card = client.get("/api/model").json()
-    assert card["classes"] == ["benign", "malignant"] and card["test_part"]["auc"] is not None
+    assert card["classes"] == ["benign", "malignant"] and card["measured"]["auc"] is not None
     assert "not a diagnostic device" in card["intended_use"]
     assert "/api/predict" in client.get("/openapi.json").json()["paths"]
 

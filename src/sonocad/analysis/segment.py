@@ -91,6 +91,14 @@ def _panel(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) ->
     return rgb
 
 
+def outline_picture(image: np.ndarray, prob: np.ndarray):
+    """The scan (uint8 (S, S)) with the predicted lesion's outline drawn in red (P(lesion) >= 0.5), as an RGB
+    PIL image; the scan alone where no pixel reaches it."""
+    from PIL import Image
+
+    return Image.fromarray(_panel(image, prob >= THRESHOLD, (230, 0, 0)))
+
+
 def outlines_section(images: np.ndarray, masks: np.ndarray, prob: np.ndarray, dice: np.ndarray, labels: list[str],
                      limit: int = 8) -> str:
     """The report's pictures: for `limit` images spread from the lowest to the highest Dice, the scan with the

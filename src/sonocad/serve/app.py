@@ -33,6 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from ..analysis.explain import caption, explained_views, render
+from ..analysis.segment import has_mask_head, outline_picture, predict_masks
 from ..data.images import decode_bytes, square_gray
 from ..errors import OptionError, SonocadError
 from ..workflows.evaluate import load
@@ -62,14 +63,44 @@ def model_card(run: str | Path, predictor) -> dict:
     if chosen:      # the figures each point was chosen at (runs trained before these were recorded have none)
         card["chosen_on"] = {"data": _without_paths(chosen.pop("chosen_on", None), info.data),
                              "operating_points": chosen}
-    metrics = resolve(run) / "metrics.json"
-    if metrics.is_file():
-        m = json.loads(metrics.read_text())
-        card["test_part"] = {k: m.get(k) for k in ("n", "n_per_class", "auc", "auc_ci", "auc_ci_method")}
-        card["test_part"]["operating_points"] = {
-            name: {k: op[k] for k in ("threshold", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci")}
-            for name, op in m.get("operating_points", {}).items()}
+    card["measured"] = measured_figures(resolve(run), info)
+    notice = info.site_notice(Path(run).name)          # the run by name: no machine's paths in public
+    if notice:
+        card["site_notice"] = notice
     return card
+
+
+FIGURE_KEYS = ("n", "n_per_class", "auc", "auc_ci", "auc_ci_method")
+POINT_KEYS = ("threshold", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci")
+
+
+def measured_figures(run: Path, info) -> dict | None:
+    """The figures a run's metrics.json records, and on what: a training run's held-out test part, a shipped
+    model's (both sites, then each), an adapted run's out-of-fold scores, a calibrated run's calibration set, a
+    cv folder's pooled out-of-fold predictions. None without metrics.json."""
+    path = run / "metrics.json"
+    if not path.is_file():
+        return None
+    m = json.loads(path.read_text())
+    data = info.data or {}
+    if isinstance(m.get("test_part"), dict):          # a shipped model: the test part of both sites, then each
+        parts = {k.replace("test_part_", ""): v for k, v in m.items() if k.startswith("test_part_")}
+        return {**_figures(m["test_part"]), "on": "the held-out test part of both sites",
+                "parts": {name: _figures(f) for name, f in parts.items()}}
+    if isinstance(m.get("pooled"), dict):            # a cv folder
+        return {**_figures(m["pooled"]), "on": "pooled out-of-fold predictions of the cross-validation"}
+    if data.get("adapted_from"):
+        on = "out-of-fold scores of the local scans, where its calibration and thresholds were chosen"
+    elif data.get("calibrated_from"):
+        on = "the local calibration set, where its thresholds were chosen"
+    else:
+        on = "the held-out test part"
+    return {**_figures(m), "on": on}
+
+
+def _figures(m: dict) -> dict:
+    return {**{k: m.get(k) for k in FIGURE_KEYS}, "operating_points": {
+        name: {k: op.get(k) for k in POINT_KEYS} for name, op in (m.get("operating_points") or {}).items()}}
 
 
 def _names(source):
@@ -113,10 +144,18 @@ def analyse(predictor, image: np.ndarray, name: str) -> dict:
                             for n, t in (predictor.info.thresholds or {"default": 0.5}).items()
                             if t is not None and np.isfinite(t)}
     if cams is not None:
-        buf = io.BytesIO()
-        render(image[0], cams[0], caption(predictor, probs)).save(buf, "PNG", compress_level=1)
-        out["heatmap_png"] = base64.b64encode(buf.getvalue()).decode()
+        out["heatmap_png"] = _png(render(image[0], cams[0], caption(predictor, probs)))
+    if torch_model and has_mask_head(predictor):       # where the model finds the lesion
+        lesion = predict_masks(predictor, image)[0]
+        out["outline_png"] = _png(outline_picture(image[0], lesion))
+        out["lesion_fraction"] = float((lesion >= 0.5).mean())
     return out
+
+
+def _png(picture) -> str:
+    buf = io.BytesIO()
+    picture.save(buf, "PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 class Admission:
