@@ -30,9 +30,10 @@ chromium:
 	  || echo "could not install chromium; the browser test will be skipped"; \
 	else echo "the browser test needs Debian's chromium: sudo apt-get install chromium"; fi; }
 
+# Two workers, one file each at a time (a file's fixtures are built once), one thread each (tests/conftest.py).
 test: install chromium
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The GPU path (scripts/gpu_check.py): gpu-check-data here (60 BUSI images at most 256 px and the Lite0 weights,
 # about 21 MB, git-ignored), then gpu-check on the GPU machine with gpu-check-data carried. It runs from the source

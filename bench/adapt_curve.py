@@ -16,7 +16,11 @@ site's groups alone. The operating point is `high_sensitivity` as adapt chooses 
 
     .venv/bin/python bench/adapt_curve.py busbra --base runs/loso/busi-s0 --sizes 20 40 80 --draws 5 10 5
     .venv/bin/python bench/adapt_curve.py busi --base runs/loso/busbra-s0 --sizes 40 --draws 10 --arms adapt
+    .venv/bin/python bench/adapt_curve.py busbra --base runs/loso/busi-s0 --sizes 80 --draws 5 --both-site
     .venv/bin/python bench/adapt_curve.py busbra --smoke       # seconds: stand-in sites of phantoms, a tiny base
+
+--both-site also trains (once, then reused from --work) the model adapt is measured against at the largest k: the
+default recipe, seed 0, on the other site and the target site's whole pool, tested on the same held-back part.
 """
 from __future__ import annotations
 
@@ -32,16 +36,18 @@ import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 from scipy.special import expit  # noqa: E402
 
-from harness import ROOT, SHARED, Bench, fake_sites, tiny_run  # noqa: E402  (bench/ on sys.path)
-from loso import CLASSES, draw, target_split  # noqa: E402
+from harness import ROOT, SHARED, SMOKE_TRAINING, Bench, fake_sites, tiny_run  # noqa: E402  (bench/ on sys.path)
+from loso import CLASSES, draw, target_split, write_manifest  # noqa: E402
 from sonocad.config import DEFAULT_KEEP_INIT  # noqa: E402
 from sonocad.deploy.predictor import Predictor  # noqa: E402
 from sonocad.evaluation.metrics import binary_metrics, fit_temperature  # noqa: E402
 from sonocad.evaluation.operating import choose_thresholds  # noqa: E402
+from sonocad.io.rundir import kind  # noqa: E402
 from sonocad.models.classifier import create_model, trained_model  # noqa: E402
 from sonocad.models.infer import InputPipeline, resolve_precision  # noqa: E402
 from sonocad.training.headfit import Tail, tail_logits, view_features  # noqa: E402
 from sonocad.workflows.adapt import BLOCKS, cross_fit  # noqa: E402
+from sonocad.workflows.train import fit as train  # noqa: E402
 
 # arm -> (start, backbone blocks fine-tuned beside the head, share of the start kept); base and calibration
 # train nothing
@@ -49,6 +55,30 @@ ARMS = {"base": None, "calibration": None, "adapt": ("base", BLOCKS, DEFAULT_KEE
         "adapt-head": ("base", 0, DEFAULT_KEEP_INIT), "adapt-no-averaging": ("base", BLOCKS, 0.0),
         "imagenet": ("imagenet", BLOCKS, 0.0)}
 PARTS = ("test", "selection")
+OTHER_SITE = {"busbra": "busi/Dataset_BUSI_with_GT", "busi": "busbra/BUSBRA"}
+
+
+def both_site(a, pool: list[dict], test: list[dict]) -> dict:
+    """The model trained on the other site and the target site's whole pool (sonocad train, default recipe, seed 0),
+    tested on the held-back part: test AUC with its DeLong CI, at its own high-sensitivity point."""
+    work = Path(a.work) / f"both-site-{a.site}"
+    run = work / "run"
+    if kind(run) != "train":
+        t0 = time.perf_counter()
+        train([a.data / OTHER_SITE[a.site], write_manifest(pool, work / "pool.csv")], run,
+              test_data=write_manifest(test, work / "test.csv"), classes=CLASSES, seed=0, progress=False,
+              overwrite=run.exists(), **a.training)
+        (work / "seconds.txt").write_text(f"{time.perf_counter() - t0:.0f}\n")
+    m = json.loads((run / "metrics.json").read_text())
+    hs = m["operating_points"]["high_sensitivity"]
+    out = {"run": str(run), "auc": m["auc"], "auc_ci": m["auc_ci"], "n": m["n"],
+           "sensitivity": hs["sensitivity"], "specificity": hs["specificity"]}
+    if (work / "seconds.txt").is_file():
+        out["seconds"] = float((work / "seconds.txt").read_text())
+    print(f"both-site model (other site + the whole pool, {len(pool)} scans) on the held-back part: AUC "
+          f"{out['auc']:.3f} ({out['auc_ci'][0]:.3f}-{out['auc_ci'][1]:.3f}), high-sensitivity point: sensitivity "
+          f"{out['sensitivity']:.3f}, specificity {out['specificity']:.3f}", flush=True)
+    return out
 
 
 def site_features(tail: Tail, model, info, rows: list[dict], cache: Path, seed: int = 0):
@@ -135,6 +165,12 @@ def run(a) -> dict:
             print(json.dumps(row), flush=True)
             out["draws"].append(row)
     out["summary"] = summarise(out["draws"], a.arms, a.sizes)
+    if a.both_site:
+        out["both_site"] = both_site(a, pool, test)
+        if "adapt" in a.arms:
+            k = str(a.sizes[-1])
+            gap = out["both_site"]["auc"] - out["summary"][k]["adapt"]["test"]["auc"][0]
+            print(f"k={k}: the both-site model minus adapt, test AUC {gap:+.3f}", flush=True)
     return out
 
 
@@ -173,18 +209,21 @@ def add_arguments(ap) -> None:
     ap.add_argument("--work", help="results and cached features (default runs/adapt-curve; --smoke: a temporary "
                     "folder)")
     ap.add_argument("--data", type=Path, default=SHARED, help="the folder of the two sites (default ../shared/data)")
+    ap.add_argument("--both-site", action="store_true", help="also the model trained on the other site and the "
+                    "target's whole pool, tested on the held-back part (trained once per --work)")
 
 
 def main(argv=None) -> int:
     bench = Bench.start("adapt_curve", __doc__, argv, add_arguments)
     a = bench.args
+    a.training = {}
     if len(a.draws) != len(a.sizes):
         raise SystemExit("bench/adapt_curve.py: --draws needs one number per size")
     if bench.smoke:
         work = Path(a.work or bench.tmp())
         a.data, a.sizes, a.draws = fake_sites(work, n=48), [12], [1]
-        other = {"busbra": "busi/Dataset_BUSI_with_GT", "busi": "busbra/BUSBRA"}[a.site]
-        a.base = a.base or str(tiny_run(work / f"base-{a.site}", a.data / other))
+        a.base = a.base or str(tiny_run(work / f"base-{a.site}", a.data / OTHER_SITE[a.site]))
+        a.training = dict(SMOKE_TRAINING)
         a.work = str(work)
     elif not a.base:
         raise SystemExit("bench/adapt_curve.py: --base RUN is required")

@@ -3,7 +3,7 @@
 a cold duplicate search, cross-fitting, the run's files). The target: at most 2 minutes on 2 cores.
 
     .venv/bin/python bench/adapt_speed.py                   # bus-base, 40 BUS-BRA scans
-    .venv/bin/python bench/adapt_speed.py --smoke           # a tiny base on 40 phantoms (the test suite)
+    .venv/bin/python bench/adapt_speed.py --smoke           # a tiny base on 20 phantoms (the test suite)
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def local_scans(bench: Bench) -> tuple[str, Path]:
     """(base, n labelled local scans: BUS-BRA patients of fold 1 as a manifest, or phantoms under --smoke)."""
     a = bench.args
     if bench.smoke:
-        return str(tiny_run(bench.tmp() / "base")), phantoms(bench.tmp() / "local", a.n, SMOKE_SIZE, seed=7)
+        return str(tiny_run(bench.tmp() / "base")), phantoms(bench.tmp() / "local", min(a.n, 20), SMOKE_SIZE, seed=7)
     from loso import draw, target_split
 
     pool, _ = target_split("busbra", a.data)

@@ -54,7 +54,7 @@ def uploads(bench: Bench) -> tuple[list, list, list, str]:
     Image.new("L", (9000, 9000)).save(bomb, "PNG")
     Image.new("L", (64, 64)).save(gif, "GIF")
     large = [("noise.png", noise.getvalue(), "image/png"), ("white.png", white_png(7990), "image/png")]
-    bad = [("scan.png", EPS, "image/png"), ("cut.png", good[0][1][:4000], "image/png"),
+    bad = [("scan.png", EPS, "image/png"), ("cut.png", good[0][1][:len(good[0][1]) // 2], "image/png"),
            ("anim.gif", gif.getvalue(), "image/gif"), ("notes.txt", b"hello", "text/plain"),
            ("empty.png", b"", "image/png"), ("bomb.png", bomb.getvalue(), "image/png"), None]
     return good, large, bad, what

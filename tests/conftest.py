@@ -3,6 +3,12 @@ import os
 import tempfile
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each (and in the processes they start), or OpenMP's
+    # waiting threads fight over the cores and every test slows down several times
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+
 import pytest
 
 # keep the tests' dedup cache out of the user's ~/.cache
@@ -19,6 +25,7 @@ def one_line_error(capsys, argv) -> str:
     """Run the CLI with `argv`: it must fail with exit code 2 and one line on stderr, which is returned."""
     from sonocad.cli.main import main
 
+    capsys.readouterr()                          # what earlier commands printed is not this one's
     rc = main(argv)
     err = capsys.readouterr().err.strip()
     assert rc == 2, err

@@ -54,11 +54,11 @@ def adapted(tiny_run, local_scans, tmp_path_factory):
     patch.setattr(adapt_mod, "view_features", view_spy)
     patch.setattr(adapt_mod, "train_tail", lambda tail, train, *a, **k: (calls.append(("train", rows(train[0]))),
                                                                             real[1](tail, train, *a, **k))[1])
-    patch.setattr(adapt_mod, "tail_logits", lambda tail, score: (calls.append(("score", score)),
-                                                                 real[2](tail, score))[1])
+    patch.setattr(adapt_mod, "tail_logits", lambda tail, score, *a, **k: (calls.append(("score", score)),
+                                                                          real[2](tail, score, *a, **k))[1])
     out = tmp_path_factory.mktemp("adapted") / "run"
     try:
-        metrics = adapt(tiny_run, str(manifest), out, seed=0, dedup=False, blocks=2)
+        metrics = adapt(tiny_run, str(manifest), out, seed=0, dedup=False, blocks=1)
     finally:
         patch.undo()
     return out, metrics, calls, seen
@@ -117,13 +117,13 @@ def test_the_saved_model_is_the_cut_model_put_back_together(adapted, local_scans
     tail = Tail(model, metrics["adapt"]["blocks"])
     pipeline = InputPipeline(info.mean, info.std, resolve_precision("fp32"))
     z = tail_logits(tail, view_features(tail, images, pipeline, info.config, seed=0).score)
-    assert metrics["adapt"]["blocks"] == 2 and new.info.temperature == 1.0
+    assert metrics["adapt"]["blocks"] == 1 and new.info.temperature == 1.0
     np.testing.assert_allclose(new.predict_proba(images)[:, 1], expit(z), atol=1e-4)
 
 
 def test_same_seed_same_numbers(adapted, tiny_run, local_scans, tmp_path):
     out, metrics, _, _ = adapted
-    again = adapt(tiny_run, str(local_scans[0]), tmp_path / "again", seed=0, dedup=False, blocks=2)
+    again = adapt(tiny_run, str(local_scans[0]), tmp_path / "again", seed=0, dedup=False, blocks=1)
     for key in ("auc", "operating_points", "adapt"):
         assert json.dumps(again[key], sort_keys=True) == json.dumps(metrics[key], sort_keys=True)
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()

@@ -30,10 +30,11 @@ def smoke(name: str, *argv: str) -> int:
 def test_every_script_in_bench_is_smoke_tested():
     assert set(SCRIPTS) == {"speed", "predict_folder", "explain_speed", "onnx_speed", "serve_load", "ddp_speed",
                             "dedup_scale", "dedup_calibrate", "loso", "adapt_curve", "adapt_speed",
-                            "region_stage", "decode_digest"}, SCRIPTS
+                            "region_stage", "decode_digest", "base_screen"}, SCRIPTS
 
 
-SITE_ARGUMENTS = {"adapt_curve": ["busbra"], "region_stage": ["--train", "busi"]}
+SITE_ARGUMENTS = {"adapt_curve": ["busbra", "--both-site"], "region_stage": ["--train", "busi"],
+                  "base_screen": ["--train", "busi"]}
 
 
 @pytest.mark.parametrize("name", [s for s in SCRIPTS if s not in ("loso", "speed")])

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-ARGS = ["--img-size", "48", "--head-epochs", "4", "--finetune-epochs", "3", "--batch-size", "8",
+ARGS = ["--img-size", "48", "--head-epochs", "4", "--finetune-epochs", "3", "--batch-size", "8", "--no-dedup",
         "--patience", "10", "--seed", "1", "--quiet"]
 
 
@@ -77,7 +77,7 @@ def test_sigint_stops_cleanly_and_resumes(phantoms, full_run, tmp_path):
 def test_killed_init_run_resumes_and_averages_once(phantoms, tiny_run, tmp_path):
     # a fine-tuning from --init ends by averaging with the init's weights (--keep-init 0.5); killed mid phase 2
     # and resumed, it must average exactly once, from the init's own weights: the uninterrupted run's weights
-    args = ["--init", str(tiny_run), "--img-size", "64", "--head-epochs", "2", "--finetune-epochs", "6",
+    args = ["--init", str(tiny_run), "--img-size", "48", "--head-epochs", "2", "--finetune-epochs", "6", "--no-dedup",
             "--batch-size", "8", "--patience", "10", "--seed", "1", "--quiet"]
     full, run = tmp_path / "full", tmp_path / "killed"
     p = _train(phantoms, full, "--out", str(full), *args)
