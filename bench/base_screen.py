@@ -68,9 +68,9 @@ def main(argv=None) -> int:
     samples = discover(a.data / SITES[other], CLASSES)
     paths = [s.path for s in samples]
     y = np.asarray([s.label == CLASSES[1] for s in samples], int)
-    names = {r: Path(r).resolve().name for r in a.runs}
+    names = {r: Path(r).name for r in a.runs}
     if len(set(names.values())) < len(names):           # runs/a/run, runs/b/run
-        names = {r: "/".join(Path(r).resolve().parts[-2:]) for r in a.runs}
+        names = {r: "/".join(Path(r).parts[-2:]) for r in a.runs}
     logits, seconds = {}, {}
     for run, name in names.items():
         cache = work / f"logits-{str(Path(run).resolve()).strip('/').replace('/', '_')}.npy"
