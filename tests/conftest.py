@@ -57,16 +57,3 @@ def tiny_run(phantoms, tmp_path_factory) -> Path:
                "--finetune-epochs", "1", "--batch-size", "8", "--seed", "0", "--quiet"])
     assert rc == 0
     return run
-
-
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory):
-    """The demo's recipe on 240 phantoms of 128 px (about 30 s on 2 cores): (run, data). Standard appearance, as
-    `make demo`: the phantoms' class cues are fine margins that the scanner augmentation's resolution loss
-    blurs at 128 px (test AUC 0.88 with it, docs/generalization.md)."""
-    from sonocad.workflows.train import fit
-
-    root = tmp_path_factory.mktemp("demo")
-    write_phantom_set(root / "demo", n=240, seed=0, size=128)
-    fit(root / "demo", root / "run", img_size=128, seed=0, dedup=False, progress=False, appearance="standard")
-    return root / "run", root / "demo"

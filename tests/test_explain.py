@@ -8,10 +8,10 @@ import torch
 from conftest import one_line_error
 from PIL import Image
 
-from sonocad.analysis.explain import gradcam, heatmaps, lesion_agreement, randomize_top
+from sonocad.analysis.explain import gradcam, lesion_agreement
 from sonocad.cli.main import main
 from sonocad.errors import SonocadError
-from sonocad.models.classifier import create_model, fold_batchnorm
+from sonocad.models.classifier import create_model
 
 
 def _models():
@@ -68,29 +68,6 @@ def test_agreement_measures():
     a = lesion_agreement(cams, masks)
     assert a["hit"].tolist() == [1, 0] and a["energy"].tolist() == [1, 0]
     assert a["chance_energy"] == pytest.approx([25 / 1024] * 2) and (a["chance_hit"] > a["chance_energy"]).all()
-
-
-def test_randomised_top_layers_lower_the_agreement(demo_run, tmp_path):
-    """Adebayo et al.'s sanity check on phantoms, where the lesion is known: the trained model's heatmaps
-    agree with the lesion far more than those of the same model with its head and top blocks randomised."""
-    from sonocad.data import discover
-    from sonocad.data.images import load_mask
-    from sonocad.deploy.predictor import Predictor
-
-    run, data = demo_run
-    p = Predictor.load(run)
-    samples = [s for s in discover(data, p.classes) if s.masks][:80]
-    images, samples, y, _ = p.decode_samples(samples)
-    masks = np.stack([load_mask(s.masks, s.path, images.shape[-1], "pad") for s in samples])
-    trained = lesion_agreement(heatmaps(p, images, "predicted")[0], masks)
-    model, pipeline = p.members[0]
-    p.members = [(fold_batchnorm(randomize_top(model, blocks=2)), pipeline)]
-    randomised = lesion_agreement(heatmaps(p, images, "predicted")[0], masks)
-    # measured (Xeon, seed 0): energy 0.062 trained, 0.030 randomised, chance 0.039; pointing 0.14 and 0.00
-    assert trained["energy"].mean() > trained["chance_energy"].mean(), trained["energy"].mean()
-    assert trained["energy"].mean() > randomised["energy"].mean() + 0.02, (trained["energy"].mean(),
-                                                                            randomised["energy"].mean())
-    assert trained["hit"].mean() > randomised["hit"].mean() + 0.08, (trained["hit"].mean(), randomised["hit"].mean())
 
 
 def test_explain_predict_heatmaps_and_evaluate(tiny_run, phantoms, tmp_path, capsys):
