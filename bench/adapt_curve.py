@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 from scipy.special import expit  # noqa: E402
 
-from harness import ROOT, SHARED, SMOKE_TRAINING, Bench, fake_sites, tiny_run  # noqa: E402  (bench/ on sys.path)
+from harness import ROOT, SHARED, SITES, SMOKE_TRAINING, Bench, fake_sites, other_site, tiny_run  # noqa: E402
 from loso import CLASSES, draw, target_split, write_manifest  # noqa: E402
 from sonocad.config import DEFAULT_KEEP_INIT  # noqa: E402
 from sonocad.deploy.predictor import Predictor  # noqa: E402
@@ -55,7 +55,6 @@ ARMS = {"base": None, "calibration": None, "adapt": ("base", BLOCKS, DEFAULT_KEE
         "adapt-head": ("base", 0, DEFAULT_KEEP_INIT), "adapt-no-averaging": ("base", BLOCKS, 0.0),
         "imagenet": ("imagenet", BLOCKS, 0.0)}
 PARTS = ("test", "selection")
-OTHER_SITE = {"busbra": "busi/Dataset_BUSI_with_GT", "busi": "busbra/BUSBRA"}
 
 
 def both_site(a, pool: list[dict], test: list[dict]) -> dict:
@@ -65,7 +64,7 @@ def both_site(a, pool: list[dict], test: list[dict]) -> dict:
     run = work / "run"
     if kind(run) != "train":
         t0 = time.perf_counter()
-        train([a.data / OTHER_SITE[a.site], write_manifest(pool, work / "pool.csv")], run,
+        train([a.data / SITES[other_site(a.site)], write_manifest(pool, work / "pool.csv")], run,
               test_data=write_manifest(test, work / "test.csv"), classes=CLASSES, seed=0, progress=False,
               overwrite=run.exists(), **a.training)
         (work / "seconds.txt").write_text(f"{time.perf_counter() - t0:.0f}\n")
@@ -222,7 +221,7 @@ def main(argv=None) -> int:
     if bench.smoke:
         work = Path(a.work or bench.tmp())
         a.data, a.sizes, a.draws = fake_sites(work, n=48), [12], [1]
-        a.base = a.base or str(tiny_run(work / f"base-{a.site}", a.data / OTHER_SITE[a.site]))
+        a.base = a.base or str(tiny_run(work / f"base-{a.site}", a.data / SITES[other_site(a.site)]))
         a.training = dict(SMOKE_TRAINING)
         a.work = str(work)
     elif not a.base:

@@ -21,15 +21,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from scipy.special import expit, logit  # noqa: E402
+from scipy.special import expit  # noqa: E402
 
 from sonocad.data import discover  # noqa: E402
 from sonocad.deploy.predictor import Predictor  # noqa: E402
 from sonocad.evaluation.metrics import binary_metrics, delong_test  # noqa: E402
+from sonocad.evaluation.operating import to_logits  # noqa: E402
 
-from harness import CLASSES, ROOT, SHARED, Bench, fake_sites, tiny_run  # noqa: E402, I001
-
-SITES = {"busi": "busi/Dataset_BUSI_with_GT", "busbra": "busbra/BUSBRA"}
+from harness import CLASSES, ROOT, SHARED, SITES, Bench, fake_sites, other_site, tiny_run  # noqa: E402, I001
 
 
 def run_logits(run: str, paths: list[str], cache: Path) -> tuple[np.ndarray, float]:
@@ -37,8 +36,7 @@ def run_logits(run: str, paths: list[str], cache: Path) -> tuple[np.ndarray, flo
     if cache.is_file():
         return np.load(cache), 0.0
     t0 = time.perf_counter()
-    p = Predictor.load(run).predict_proba(paths)[:, 1]
-    z = logit(np.clip(p, 1e-7, 1 - 1e-7))
+    z = to_logits(Predictor.load(run).predict_proba(paths)[:, 1])
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, z)
     return z, time.perf_counter() - t0
@@ -63,7 +61,7 @@ def main(argv=None) -> int:
                             for e in (1, 2)]
     elif not a.runs:
         raise SystemExit("bench/base_screen.py: --runs RUN [RUN ...] is required")
-    other = next(s for s in SITES if s != a.train)
+    other = other_site(a.train)
     work = Path(a.work or ROOT / "runs" / "base-screen") / f"{a.train}-to-{other}"
     samples = discover(a.data / SITES[other], CLASSES)
     paths = [s.path for s in samples]

@@ -29,6 +29,12 @@ SHARED = ROOT.parent / "shared" / "data"
 BUSI = SHARED / "busi" / "Dataset_BUSI_with_GT"
 BUSBRA = SHARED / "busbra" / "BUSBRA"
 CLASSES = ["benign", "malignant"]
+SITES = {"busi": "busi/Dataset_BUSI_with_GT", "busbra": "busbra/BUSBRA"}    # the two sites, under ../shared/data
+
+
+def other_site(site: str) -> str:
+    """The site that is not `site` (leave-one-site-out)."""
+    return next(s for s in SITES if s != site)
 SMOKE_SIZE = 64           # px of the smoke runs' phantoms and models
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))      # run from a checkout without installing
@@ -263,10 +269,10 @@ def fake_sites(folder: Path, n: int = 32, size: int = SMOKE_SIZE) -> Path:
     from sonocad.data import discover
 
     root = folder / "shared-data"
-    busbra = root / "busbra" / "BUSBRA"
+    busbra = root / SITES["busbra"]
     if (busbra / "5-fold-cv.csv").is_file():
         return root
-    phantoms(root / "busi" / "Dataset_BUSI_with_GT", n, size, seed=1)
+    phantoms(root / SITES["busi"], n, size, seed=1)
     source = phantoms(folder / "busbra-phantoms", n, size, seed=2)
     (busbra / "Images").mkdir(parents=True)
     (busbra / "Masks").mkdir()

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np  # noqa: E402
-from harness import ROOT, SHARED, SMOKE_TRAINING, Bench, fake_sites, tiny_run  # noqa: E402  (bench/ on sys.path)
+from harness import ROOT, SHARED, SITES, SMOKE_TRAINING, Bench, fake_sites, other_site, tiny_run  # noqa: E402
 from scipy import stats  # noqa: E402
 from scipy.special import expit  # noqa: E402
 from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
@@ -421,8 +421,7 @@ def main(argv=None) -> int:
         work = Path(a.work or bench.tmp())
         training = {k: v for k, v in SMOKE_TRAINING.items() if k != "dedup"}     # the arms train without it anyway
         vars(a).update(SMOKE, work=str(work), data=fake_sites(work, n=48), training=training)
-        other = {"busbra": "busi/Dataset_BUSI_with_GT", "busi": "busbra/BUSBRA"}[a.site]
-        a.init = a.init or str(tiny_run(work / f"init-{a.site}", a.data / other))
+        a.init = a.init or str(tiny_run(work / f"init-{a.site}", a.data / SITES[other_site(a.site)]))
     elif not a.init:
         raise SystemExit("bench/loso.py: --init RUN is required")
     a.work = a.work or str(ROOT / "runs" / "loso")

@@ -31,9 +31,10 @@ from sonocad.deploy.predictor import Predictor  # noqa: E402
 from sonocad.evaluation.metrics import binary_metrics, delong_test  # noqa: E402
 from sonocad.workflows.train import fit  # noqa: E402
 
-from harness import CLASSES, ROOT, SHARED, SMOKE_TRAINING, Bench, fake_sites, tiny_run  # noqa: E402, I001
+from harness import (  # noqa: E402, I001
+    CLASSES, ROOT, SHARED, SITES, SMOKE_TRAINING, Bench, fake_sites, other_site, tiny_run,
+)
 
-SITES = {"busi": "busi/Dataset_BUSI_with_GT", "busbra": "busbra/BUSBRA"}
 MIN_CROP = 64           # px: smaller crops are enlarged (bicubic)
 
 
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
         training = SMOKE_TRAINING
     elif not a.stage1:
         raise SystemExit("bench/region_stage.py: --stage1 RUN is required")
-    other = next(s for s in SITES if s != a.train)
+    other = other_site(a.train)
     work = Path(a.work or ROOT / "runs" / "region") / f"{a.train}-m{a.margin:g}-s{a.seed}"
     t0 = time.perf_counter()
     stage1 = Predictor.load(a.stage1)

@@ -43,6 +43,20 @@ def load_run(run: str | Path, precision: str = "auto") -> tuple[RunInfo, Classif
     return info, fold_batchnorm(model), InputPipeline(info.mean, info.std, prec)
 
 
+def cv_fold_dirs(run: Path) -> list[Path]:
+    """The fold runs of a `sonocad cv` folder (those of its repeats too), in order; empty for any other folder."""
+    return [f.parent for f in sorted(run.glob("fold-*/config.json")) + sorted(run.glob("repeat-*/fold-*/config.json"))]
+
+
+def check_folds_agree(run: str | Path, infos: list[RunInfo], consequence: str, also: tuple[str, ...] = ()) -> None:
+    """Refuse fold models that differ in classes, input size or preprocessing (and the config fields `also`)."""
+    first = infos[0]
+    for info in infos[1:]:
+        if info.classes != first.classes or info.img_size != first.img_size or any(
+                getattr(info.config, k) != getattr(first.config, k) for k in (*PREPROCESSING, *also)):
+            raise SonocadError(f"{run}: fold models differ in classes or preprocessing; {consequence}")
+
+
 def predict_images(model: Classifier, pipeline: InputPipeline, images: np.ndarray, tta: bool,
                    batch_size: int = 64, zooms=()) -> np.ndarray:
     """Class probabilities (N, num_classes) of one model for uint8 images (N, S, S); with `tta`, from
@@ -68,19 +82,16 @@ class Predictor:
         if (run / "config.json").is_file() or not run.is_dir():
             info, model, pipeline = load_run(run, precision)
             return cls(info, [(model, pipeline)])
-        folds = sorted(run.glob("fold-*/config.json")) + sorted(run.glob("repeat-*/fold-*/config.json"))
+        folds = cv_fold_dirs(run)
         if not folds:
             raise SonocadError(f"{run}: no config.json (nor cross-validation folds); is this a sonocad run "
                                "directory?")
         if kind(run) != "cv":
             raise SonocadError(f"{run}: cross-validation in progress or interrupted ({len(folds)} fold(s) so far); "
                                "run the same sonocad cv command again to finish it")
-        loaded = [load_run(f.parent, precision) for f in folds]
+        loaded = [load_run(f, precision) for f in folds]
+        check_folds_agree(run, [i for i, _, _ in loaded], "cannot ensemble them")
         first = loaded[0][0]
-        for info, _, _ in loaded[1:]:
-            if info.classes != first.classes or info.img_size != first.img_size or any(
-                    getattr(info.config, k) != getattr(first.config, k) for k in PREPROCESSING):
-                raise SonocadError(f"{run}: fold models differ in classes or preprocessing; cannot ensemble them")
         chosen = _pooled_points(run)
         if chosen:           # chosen on the pooled out-of-fold predictions (cv of this version)
             thresholds = chosen.pop("thresholds")
@@ -88,7 +99,7 @@ class Predictor:
             names = set.intersection(*(set(i.thresholds or {}) for i, _, _ in loaded))
             thresholds = {n: float(np.mean([i.thresholds[n] for i, _, _ in loaded])) for n in sorted(names)}
         info = RunInfo(first.config, first.classes, first.positive, first.img_size, first.mean, first.std,
-                       {"ensemble_of": [str(f.parent) for f in folds]}, thresholds or {"default": 0.5},
+                       {"ensemble_of": [str(f) for f in folds]}, thresholds or {"default": 0.5},
                        chosen or {}, version=first.version)
         return cls(info, [(m, p) for _, m, p in loaded])
 

@@ -129,7 +129,7 @@ def train_tail(tail: Tail, train: torch.Tensor, y: np.ndarray, epochs: list[int]
 
 def _train(tail: Tail, train: torch.Tensor, y: np.ndarray, epochs: list[int], cfg: TrainConfig, seed: int,
            precision: Precision | None, lr: float) -> dict[int, dict[str, torch.Tensor]]:
-    autocast = precision.autocast if precision is not None and precision.device.type == "cpu" else nullcontext
+    autocast = _cpu_autocast(precision)
     torch.manual_seed(seed)                  # dropout
     gen = torch.Generator().manual_seed(seed)
     net = tail.with_state(tail.trained_state()).float()
@@ -156,6 +156,11 @@ def _train(tail: Tail, train: torch.Tensor, y: np.ndarray, epochs: list[int], cf
     return states
 
 
+def _cpu_autocast(precision: Precision | None):
+    """`precision`'s autocast where the tail runs (on the CPU: the features are kept there), else none."""
+    return precision.autocast if precision is not None and precision.device.type == "cpu" else nullcontext
+
+
 def averaged(state: dict[str, torch.Tensor], init: dict[str, torch.Tensor], share: float) -> dict[str, torch.Tensor]:
     """WiSE-FT on a tail: each tensor (1 - share) * fine-tuned + share * init (as optim.average_with_init)."""
     return {k: torch.lerp(v, init[k].to(v), share) if v.is_floating_point() else v for k, v in state.items()}
@@ -166,7 +171,7 @@ def tail_logits(tail: Tail, score: torch.Tensor, precision: Precision | None = N
                 batch_size: int = 256) -> np.ndarray:
     """The binary tail's logit of each image averaged over its views (`score`: (T, N, ...) -> (N,)), as
     infer.run_batches averages a model's over the test-time views, under `precision`'s autocast."""
-    autocast = precision.autocast if precision is not None and precision.device.type == "cpu" else nullcontext
+    autocast = _cpu_autocast(precision)
     tail.eval()
     t, n = score.shape[:2]
     out = [torch.zeros(t, 0)]

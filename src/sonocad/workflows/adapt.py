@@ -29,7 +29,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from ..config import DEFAULT_KEEP_INIT, RunInfo
 from ..data import discover
-from ..deploy.predictor import PREPROCESSING, Predictor
+from ..deploy.predictor import Predictor, check_folds_agree, cv_fold_dirs
 from ..errors import OptionError, SonocadError
 from ..evaluation.metrics import binary_metrics
 from ..evaluation.operating import TARGET_SENSITIVITY, choose_operating_points
@@ -99,15 +99,12 @@ def base_model(source: Path, name: str) -> tuple[RunInfo, Classifier]:
     and start), with the folds' common preprocessing."""
     if (source / "config.json").is_file() or not source.is_dir():
         return trained_model(source)
-    found = sorted(source.glob("fold-*/config.json")) + sorted(source.glob("repeat-*/fold-*/config.json"))
+    found = cv_fold_dirs(source)
     if not found or rundir.kind(source) != "cv":
         raise SonocadError(f"{name}: not a finished sonocad run or cv folder")
-    members = [trained_model(f.parent) for f in found]
+    members = [trained_model(f) for f in found]
+    check_folds_agree(name, [i for i, _ in members], "adapt one of them", also=("hidden",))
     info, model = members[0]
-    for other, _ in members[1:]:
-        if other.classes != info.classes or any(getattr(other.config, k) != getattr(info.config, k)
-                                                for k in (*PREPROCESSING, "hidden")):
-            raise SonocadError(f"{name}: fold models differ in classes or preprocessing; adapt one of them")
     states = [m.state_dict() for _, m in members]
     model.load_state_dict({k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
                            if v.is_floating_point() else v for k, v in states[0].items()})
@@ -146,9 +143,9 @@ def fold_of(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> np.ndar
     the rarer class has groups, and fewer where a fold's training part would lack a class. Empty when fewer
     than MIN_PER_CLASS groups of a class exist: nothing to cross-fit."""
     per_class = min(len(np.unique(groups[y == c])) for c in (0, 1))
+    if per_class < MIN_PER_CLASS:
+        return np.zeros(0, int)
     for k in range(min(folds, per_class), 1, -1):
-        if per_class < MIN_PER_CLASS:
-            break
         fold = np.empty(len(y), int)
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         for f, (_, held) in enumerate(splitter.split(np.zeros(len(y)), y, groups)):

@@ -19,7 +19,7 @@ from ..data import discover
 from ..data.dicom import frame_refs
 from ..data.discover import image_files
 from ..deploy.export import load_onnx
-from ..deploy.predictor import Predictor
+from ..deploy.predictor import Predictor, cv_fold_dirs
 from ..errors import OptionError, SonocadError, SonocadWarning
 from ..evaluation.metrics import delong_test
 from ..evaluation.reader import (
@@ -120,10 +120,10 @@ def site_notice(run: str | Path, engine: str = "auto") -> str | None:
     if engine == "onnx" or str(run).endswith(".onnx"):
         return load(run, "auto", engine).info.site_notice(str(run))
     path = resolve(run)
-    configs = [path / "config.json"] if (path / "config.json").is_file() else sorted(path.glob("fold-*/config.json"))
-    if not configs:
+    folders = [path] if (path / "config.json").is_file() else cv_fold_dirs(path)
+    if not folders:
         return None
-    return RunInfo.load(configs[0]).site_notice(str(run))
+    return RunInfo.load(folders[0] / "config.json").site_notice(str(run))
 
 
 def predict_paths(run: str | Path, inputs: list[str | Path], skip_bad: bool = False,
