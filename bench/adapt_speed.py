@@ -21,7 +21,7 @@ from harness import SHARED, SMOKE_SIZE, Bench, phantoms, tiny_run  # noqa: E402 
 
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--base", default="bus-base", help="the model to adapt (default bus-base; --smoke: a tiny run)")
+    ap.add_argument("--base", help="the model to adapt (default bus-base; --smoke: a tiny run of its own unless given)")
     ap.add_argument("--n", type=int, default=40, help="local scans")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", type=Path, default=SHARED, help="the folder holding busbra/ (default ../shared/data)")
@@ -31,7 +31,7 @@ def local_scans(bench: Bench) -> tuple[str, Path]:
     """(base, n labelled local scans: BUS-BRA patients of fold 1 as a manifest, or phantoms under --smoke)."""
     a = bench.args
     if bench.smoke:
-        return str(tiny_run(bench.tmp() / "base")), phantoms(bench.tmp() / "local", min(a.n, 20), SMOKE_SIZE, seed=7)
+        return a.base or str(tiny_run(bench.tmp() / "base")), phantoms(bench.tmp() / "local", min(a.n, 20), SMOKE_SIZE, seed=7)
     from loso import draw, target_split
 
     pool, _ = target_split("busbra", a.data)
@@ -40,7 +40,7 @@ def local_scans(bench: Bench) -> tuple[str, Path]:
         w = csv.DictWriter(f, fieldnames=["path", "label", "group"], extrasaction="ignore")
         w.writeheader()
         w.writerows(draw(pool, a.n, a.seed))
-    return a.base, manifest
+    return a.base or "bus-base", manifest
 
 
 def main(argv=None) -> int:

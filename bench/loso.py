@@ -271,7 +271,6 @@ def weight_averaging(a) -> dict:
     pool, test = target_split(a.site, a.data)
     rows = pool + test
     paths = np.asarray([r["path"] for r in rows])
-    y = np.asarray([r["label"] == "malignant" for r in rows], int)
     images = Predictor.load(a.init).decode(list(paths))[0]
     init_state = trained_model(a.init)[1].state_dict()
     in_test = np.arange(len(rows)) >= len(pool)

@@ -3,15 +3,18 @@
 Writes N images (BUSI benign + malignant PNGs copied, cycled, under new names; synthetic phantoms without
 ../shared) into a temporary folder, then times `sonocad.workflows.evaluate.predict_paths` on it end to end, and
 separately its two parts on the same files: decoding + resizing + overlay removal (`load_many`), and the
-model (`Predictor.predict`, with the run's test-time augmentation). Prints images/s for each and the
-share of the wall time the model takes.
+model (`Predictor.predict`, with the run's test-time augmentation; with --tta, also under each choice given:
+none = the image alone, mirror = and its mirror image, full = and each of the run's zooms, mirrored too). Prints
+images/s for each and the share of the wall time the model takes.
 
     .venv/bin/python bench/predict_folder.py runs/busi               # 1,000 images
     .venv/bin/python bench/predict_folder.py runs/busi --images 200
+    .venv/bin/python bench/predict_folder.py runs/busi --tta none mirror full   # the model part of each choice too
     .venv/bin/python bench/predict_folder.py --smoke                 # a tiny run of its own, 12 phantoms
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -27,6 +30,8 @@ from sonocad.workflows.evaluate import predict_paths  # noqa: E402
 def add_arguments(p) -> None:
     add_run_argument(p)
     p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--tta", nargs="*", default=[], choices=["none", "mirror", "full"],
+                   help="also time the model under these test-time augmentation choices")
 
 
 def main(argv=None) -> int:
@@ -62,9 +67,19 @@ def main(argv=None) -> int:
     print(f"  model (Predictor.predict, batch 64{', with TTA' if info.config.tta else ''}): {t_model:.1f} s, "
           f"{n / t_model:.1f} img/s")
     print(f"  the model's share of reading + model: {t_model / (t_read + t_model):.0%}")
-    return bench.finish({"images": n, "end_to_end_images_per_s": n / wall, "reading_images_per_s": n / t_read,
-                         "model_images_per_s": n / t_model, "model_share": t_model / (t_read + t_model)},
-                        {"run": run, "source": what, "tta": info.config.tta})
+    summary = {"images": n, "end_to_end_images_per_s": n / wall, "reading_images_per_s": n / t_read,
+               "model_images_per_s": n / t_model, "model_share": t_model / (t_read + t_model)}
+    own = info.config
+    for choice in args.tta:
+        predictor.info.config = dataclasses.replace(own, tta=choice != "none",
+                                                    tta_zooms=own.tta_zooms if choice == "full" else [])
+        t0 = time.perf_counter()
+        predictor.predict_proba(images)
+        t_choice = time.perf_counter() - t0
+        print(f"  model with test-time augmentation {choice}: {t_choice:.1f} s, {n / t_choice:.1f} img/s")
+        summary[f"model_images_per_s_tta_{choice}"] = n / t_choice
+    predictor.info.config = own
+    return bench.finish(summary, {"run": run, "source": what, "tta": info.config.tta})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Shared fixtures: tiny synthetic datasets, the shared real data (skipped with a reason when absent)."""
 import os
+import signal
 import tempfile
+import time
 from pathlib import Path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -31,6 +33,77 @@ def one_line_error(capsys, argv) -> str:
     assert rc == 2, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     return err
+
+
+class Sonocad:
+    """`python -m sonocad ARGV` started in the background, for tests that kill or interrupt it: Popen's `pid`,
+    `poll`, `wait`, `send_signal`, `returncode` and `stderr` (a file to read). Where torch runs one thread (the
+    workers of `make test`) it is a fork of this process, which spares the Python and torch start-up (seconds
+    each); otherwise a new interpreter (a fork of a process whose OpenMP threads have run hangs)."""
+
+    def __init__(self, argv):
+        import subprocess
+        import sys
+
+        import torch
+
+        argv = [str(a) for a in argv]
+        if torch.get_num_threads() > 1:
+            # a shell that starts the tests in the background makes them ignore SIGINT, and Python then never
+            # raises KeyboardInterrupt: give the child the default disposition back
+            self._popen = subprocess.Popen([sys.executable, "-m", "sonocad", *argv], stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.PIPE, text=True,
+                                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            self.pid, self.stderr = self._popen.pid, self._popen.stderr
+            return
+        self._popen, self.returncode = None, None
+        err = tempfile.NamedTemporaryFile("w+", prefix="sonocad-stderr-", delete=False)
+        self.pid = os.fork()
+        if self.pid == 0:
+            self._child(argv, err.fileno())
+        self.stderr = open(err.name)
+        os.unlink(err.name)
+
+    @staticmethod
+    def _child(argv, err_fd):
+        import sys
+        import traceback
+
+        code = 1
+        try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            os.dup2(err_fd, 2)
+            sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+            from sonocad.cli.main import main
+
+            code = main(argv)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+
+    def poll(self):
+        if self._popen:
+            self.returncode = self._popen.poll()
+        elif self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = time.time() + (timeout or 1e9)
+        while self.poll() is None:
+            if time.time() > deadline:
+                raise TimeoutError(f"sonocad (pid {self.pid}) still running after {timeout} s")
+            time.sleep(0.01)
+        return self.returncode
+
+    def send_signal(self, sig):
+        if self.poll() is None:
+            os.kill(self.pid, sig)
 
 
 def need(path: Path) -> Path:

@@ -34,12 +34,16 @@ def test_every_script_in_bench_is_smoke_tested():
 
 
 SITE_ARGUMENTS = {"adapt_curve": ["busbra", "--both-site"], "region_stage": ["--train", "busi"],
-                  "base_screen": ["--train", "busi"]}
+                  "base_screen": ["--train", "busi", "--tta", "full", "none"]}
 
 
 @pytest.mark.parametrize("name", [s for s in SCRIPTS if s not in ("loso", "speed")])
 def test_smoke(name, tiny_run, tmp_path, capsys):
     argv = [str(tiny_run)] if name in TIMES_A_RUN else SITE_ARGUMENTS.get(name, [])
+    if name == "adapt_speed":
+        argv = ["--base", str(tiny_run)]          # the suite's tiny run: no base of its own to train
+    if name == "predict_folder":
+        argv += ["--tta", "none", "full"]
     assert smoke(name, *argv, "--json", str(tmp_path / "r.json")) == 0
     out = capsys.readouterr().out
     assert re.search(rf"^result {name} \(smoke\): \S+=", out, re.M), out[-2000:]

@@ -59,7 +59,7 @@ def test_skip_bad_warns_and_trains(tmp_path, capsys):
 
 
 def test_manifest_row_pointing_nowhere(tmp_path, capsys):
-    data = _dataset(tmp_path / "d")
+    _dataset(tmp_path / "d")
     (tmp_path / "m.csv").write_text("path,label\nd/benign/benign (0).png,benign\nd/nothere.png,malignant\n")
     err = _err(capsys, ["train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run")])
     assert "m.csv:3" in err and "nothere.png does not exist" in err

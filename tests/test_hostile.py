@@ -276,3 +276,14 @@ def test_manifest_rows_say_what_is_wrong_with_a_path(tmp_path):
         (tmp_path / "m.csv").write_text(f"path,label\n{target},benign\n")
         with pytest.raises(SonocadError, match=f"m.csv:2: image .*{target} {why}"):
             discover(tmp_path / "m.csv")
+
+
+def test_an_empty_argument_is_refused_not_read_as_the_current_folder(tiny_run, phantoms, tmp_path, capsys,
+                                                                      monkeypatch):
+    from sonocad.data.discover import image_files
+
+    monkeypatch.chdir(phantoms)              # "" would otherwise be this folder, read whole
+    assert "an empty argument was given" in one_line_error(capsys, ["predict", str(tiny_run), ""])
+    assert "an empty argument was given" in one_line_error(capsys, ["train", str(phantoms), "--out", ""])
+    with pytest.raises(SonocadError, match="an empty path was given"):
+        image_files([str(phantoms / "benign"), ""])

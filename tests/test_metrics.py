@@ -379,3 +379,20 @@ def test_multiclass_metrics():
     json.dumps(m2)
     with pytest.raises(ValueError):
         multiclass_metrics(y, probs[:, :2], classes)
+
+
+def test_report_roc_points_are_sklearns_roc_curve():
+    """The report's bootstrap band uses its own ROC (hundreds per report): the same points as sklearn's, ties
+    and collinear runs included."""
+    from sklearn.metrics import roc_curve
+
+    from sonocad.evaluation.report import roc_points
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(2, 120))
+        y = np.r_[0, 1, rng.integers(0, 2, n)]
+        prob = np.round(rng.random(len(y)), int(rng.integers(1, 4)))      # few decimals: many ties
+        fpr, tpr, _ = roc_curve(y, prob)
+        ours = roc_points(y, prob)
+        assert np.array_equal(ours[0], fpr) and np.array_equal(ours[1], tpr), trial

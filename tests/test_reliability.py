@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import Sonocad
 from conftest import one_line_error as _err
 from PIL import Image
 
@@ -98,9 +99,7 @@ def test_changed_run_files_are_refused(tiny_run, phantoms, tmp_path, capsys):
 
 
 def _train(*args):
-    return subprocess.Popen([sys.executable, "-m", "sonocad", "train", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return Sonocad(["train", *args])
 
 
 def _wait_for(p, cond, timeout=240):

@@ -1,23 +1,20 @@
-"""Faults: a run killed with SIGKILL resumes from its last checkpoint and ends with the same numbers."""
+"""Faults: a run killed with SIGKILL resumes from its last checkpoint and ends with the same numbers.
+
+Only the runs that are killed are separate processes (conftest.Sonocad); the uninterrupted runs and the resumes
+run in the test's own process (the same threads, so the same numbers)."""
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
+from conftest import Sonocad
 
 ARGS = ["--img-size", "48", "--head-epochs", "4", "--finetune-epochs", "3", "--batch-size", "8", "--no-dedup",
         "--patience", "10", "--seed", "1", "--quiet"]
 
 
 def _train(data, out, *extra):
-    # a shell that starts the tests in the background makes them ignore SIGINT, and Python then never
-    # raises KeyboardInterrupt: give the child the default disposition back
-    return subprocess.Popen([sys.executable, "-m", "sonocad", "train", str(data), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return Sonocad(["train", data, *extra])
 
 
 def _metrics(run):
@@ -26,11 +23,16 @@ def _metrics(run):
     return m
 
 
+def _train_here(data, *extra):
+    from sonocad.cli.main import main
+
+    assert main(["train", str(data), *extra]) == 0
+
+
 @pytest.fixture(scope="module")
 def full_run(phantoms, tmp_path_factory):
     full = tmp_path_factory.mktemp("full") / "run"
-    p = _train(phantoms, full, "--out", str(full), *ARGS)
-    assert p.wait(timeout=300) == 0, p.stderr.read()
+    _train_here(phantoms, "--out", str(full), *ARGS)
     return full
 
 
@@ -43,15 +45,14 @@ def _interrupt(phantoms, run, sig, epochs_done, args=ARGS):
             break
         time.sleep(0.05)
     assert p.poll() is None, "training finished before it could be interrupted"
-    os.kill(p.pid, sig)
+    p.send_signal(sig)
     p.wait(timeout=120)
     assert not (run / "metrics.json").exists()
     return p
 
 
 def _resume_and_compare(phantoms, run, full):
-    r = _train(phantoms, run, "--resume", str(run))
-    assert r.wait(timeout=300) == 0, r.stderr.read()
+    _train_here(phantoms, "--resume", str(run))
     assert _metrics(run) == _metrics(full)
     assert (run / "log.csv").read_text().count("\n") == (full / "log.csv").read_text().count("\n")
     assert (run / "predictions.csv").read_text() == (full / "predictions.csv").read_text()
@@ -77,14 +78,12 @@ def test_sigint_stops_cleanly_and_resumes(phantoms, full_run, tmp_path):
 def test_killed_init_run_resumes_and_averages_once(phantoms, tiny_run, tmp_path):
     # a fine-tuning from --init ends by averaging with the init's weights (--keep-init 0.5); killed mid phase 2
     # and resumed, it must average exactly once, from the init's own weights: the uninterrupted run's weights
-    args = ["--init", str(tiny_run), "--img-size", "48", "--head-epochs", "2", "--finetune-epochs", "6", "--no-dedup",
+    args = ["--init", str(tiny_run), "--img-size", "48", "--head-epochs", "2", "--finetune-epochs", "4", "--no-dedup",
             "--batch-size", "8", "--patience", "10", "--seed", "1", "--quiet"]
     full, run = tmp_path / "full", tmp_path / "killed"
-    p = _train(phantoms, full, "--out", str(full), *args)
-    assert p.wait(timeout=300) == 0, p.stderr.read()
-    _interrupt(phantoms, run, signal.SIGKILL, epochs_done=4, args=args)
-    r = _train(phantoms, run, "--resume", str(run))
-    assert r.wait(timeout=300) == 0, r.stderr.read()
+    _train_here(phantoms, "--out", str(full), *args)
+    _interrupt(phantoms, run, signal.SIGKILL, epochs_done=3, args=args)
+    _train_here(phantoms, "--resume", str(run))
     assert (run / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
     assert _metrics(run) == _metrics(full)
 

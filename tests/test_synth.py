@@ -39,7 +39,7 @@ def test_normal_class_has_empty_masks(tmp_path):
 
 def test_same_seed_same_bytes_different_seed_different_images(tmp_path):
     a = write_phantom_set(tmp_path / "a", n=4, seed=3, size=40)
-    b = write_phantom_set(tmp_path / "b", n=4, seed=3, size=40)
+    write_phantom_set(tmp_path / "b", n=4, seed=3, size=40)
     c = write_phantom_set(tmp_path / "c", n=4, seed=4, size=40)
     files = sorted(p.relative_to(a["out"]) for p in (tmp_path / "a").rglob("*.png"))
     assert len(files) == 8

@@ -4,7 +4,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import BUSI, need, one_line_error
 from PIL import Image
 

@@ -9,7 +9,6 @@ the lesion mask and are legitimate cues, so "lesion masked" AUC far above 0.5 is
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage

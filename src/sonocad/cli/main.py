@@ -240,6 +240,9 @@ def _run(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)
+        if "" in args.argv:         # an unset shell variable: "" as a path is the current folder, searched whole
+            raise SonocadError("an empty argument was given (an unset shell variable?); every path and value "
+                               "must be named")
         from ..runtime.allocator import tune_allocator
 
         tune_allocator()

@@ -154,6 +154,8 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
     from .images import IMAGE_SUFFIXES
 
     files = []
+    if any(str(p) == "" for p in inputs):      # Path("") is the current folder: searched whole by mistake
+        raise SonocadError("an empty path was given (an unset shell variable?); name the image files or folders")
     for p in map(Path, inputs):
         if p.is_dir():
             found = sorted((f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES

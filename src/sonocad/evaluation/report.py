@@ -49,15 +49,31 @@ def plot_roc(y_pos: np.ndarray, prob: np.ndarray, metrics: dict, path: Path) -> 
     return _save(fig, path)
 
 
+def roc_points(y_pos: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) of sklearn's `roc_curve(y_pos, prob)` (collinear points dropped), without its input checks:
+    the bootstrap band calls it hundreds of times per report."""
+    order = np.argsort(-prob, kind="mergesort")
+    score, y = prob[order], y_pos[order]
+    ends = np.r_[np.flatnonzero(np.diff(score)), len(y) - 1]       # the last row of each distinct score
+    tps = np.cumsum(y)[ends].astype(float)
+    fps = 1.0 + ends - tps
+    if len(fps) > 2:
+        keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
+        fps, tps = fps[keep], tps[keep]
+    fps, tps = np.r_[0.0, fps], np.r_[0.0, tps]
+    return fps / fps[-1], tps / tps[-1]
+
+
 def roc_band(y_pos: np.ndarray, prob: np.ndarray, n_boot: int = 300, seed: int = 0):
     """Pointwise 95% band of the ROC curve (sensitivity at each 1 - specificity) by stratified bootstrap."""
     rng = np.random.default_rng(seed)
     grid = np.linspace(0, 1, 101)
+    y_pos, prob = np.asarray(y_pos), np.asarray(prob, float)
     pos, neg = np.flatnonzero(y_pos == 1), np.flatnonzero(y_pos == 0)
     curves = []
     for _ in range(n_boot):
         idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-        fpr, tpr, _ = roc_curve(y_pos[idx], prob[idx])
+        fpr, tpr = roc_points(y_pos[idx], prob[idx])
         curves.append(np.interp(grid, fpr, tpr))
     lo, hi = np.percentile(curves, [2.5, 97.5], axis=0)
     return grid, lo, hi

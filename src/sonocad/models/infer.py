@@ -145,10 +145,10 @@ def all_views(pipeline: InputPipeline, images: np.ndarray, views: list[tuple[flo
 
 @torch.no_grad()
 def run_batches(fn, images: np.ndarray, pipeline: InputPipeline, batch_size: int = 64,
-                tta: bool = False, zooms=()) -> np.ndarray:
+                tta: bool = False, zooms=(), views: list[tuple[float, bool]] | None = None) -> np.ndarray:
     """Apply `fn` (a module or method) to all images in batches; with `tta`, average its outputs over
-    `tta_views(tta, zooms)`."""
-    views = tta_views(tta, zooms)
+    `tta_views(tta, zooms)` (or over the (zoom, mirrored) `views` given)."""
+    views = views or tta_views(tta, zooms)
     if 1 < len(views) and len(images) * len(views) <= batch_size:
         # a few images (one scan in serve): every view in one batch, one forward pass
         x = all_views(pipeline, images, views)      # outside autocast, as below

@@ -101,7 +101,7 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
     task = find_task(data, cfg)
-    classes, positive, img_size = task.classes, task.positive, task.img_size
+    classes, img_size = task.classes, task.img_size
     resolve_precision(cfg.precision)       # an impossible precision fails before any image is decoded
     check_disk_space(out, folds * repeats * parameter_count(cfg.model, 1 if len(classes) == 2 else len(classes),
                                                             cfg.hidden))
