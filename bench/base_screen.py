@@ -31,7 +31,6 @@ from sonocad.data import discover  # noqa: E402
 from sonocad.deploy.predictor import Predictor  # noqa: E402
 from sonocad.evaluation.metrics import binary_metrics, delong_test  # noqa: E402
 from sonocad.evaluation.operating import to_logits  # noqa: E402
-from sonocad.models.classifier import fold_batchnorm  # noqa: E402
 from sonocad.models.infer import run_batches, tta_views  # noqa: E402
 
 from harness import CLASSES, ROOT, SHARED, SITES, Bench, fake_sites, other_site, tiny_run  # noqa: E402, I001
@@ -50,8 +49,7 @@ def view_logits(run: str, paths: list[str], cache: Path) -> tuple[np.ndarray, fl
     images = p.decode(paths)[0]
     views = tta_views(True, p.info.config.tta_zooms)
     z = np.zeros((len(views), len(paths)))
-    for model, pipeline in p.members:
-        model = fold_batchnorm(model)
+    for model, pipeline in p.members:          # BatchNorm folded already (deploy.predictor.load_run)
         for k, view in enumerate(views):
             raw = torch.from_numpy(run_batches(model, images, pipeline, views=[view]))
             z[k] += to_logits(model.probabilities(raw)[:, 1].double().numpy()) / len(p.members)

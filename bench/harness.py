@@ -30,14 +30,14 @@ BUSI = SHARED / "busi" / "Dataset_BUSI_with_GT"
 BUSBRA = SHARED / "busbra" / "BUSBRA"
 CLASSES = ["benign", "malignant"]
 SITES = {"busi": "busi/Dataset_BUSI_with_GT", "busbra": "busbra/BUSBRA"}    # the two sites, under ../shared/data
+SMOKE_SIZE = 64           # px of the smoke runs' phantoms and models
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))      # run from a checkout without installing
 
 
 def other_site(site: str) -> str:
     """The site that is not `site` (leave-one-site-out)."""
     return next(s for s in SITES if s != site)
-SMOKE_SIZE = 64           # px of the smoke runs' phantoms and models
-if str(ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(ROOT / "src"))      # run from a checkout without installing
 
 
 # -- the machine -----------------------------------------------------------------------------------

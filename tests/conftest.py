@@ -35,20 +35,27 @@ def one_line_error(capsys, argv) -> str:
     return err
 
 
+def can_fork() -> bool:
+    """Whether a process the tests start may be a fork of this one, which spares the Python and torch start-up
+    (seconds each): only where torch runs one thread (the workers of `make test`), since a fork of a process
+    whose OpenMP threads have run hangs."""
+    import torch
+
+    return torch.get_num_threads() == 1
+
+
 class Sonocad:
     """`python -m sonocad ARGV` started in the background, for tests that kill or interrupt it: Popen's `pid`,
-    `poll`, `wait`, `send_signal`, `returncode` and `stderr` (a file to read). Where torch runs one thread (the
-    workers of `make test`) it is a fork of this process, which spares the Python and torch start-up (seconds
-    each); otherwise a new interpreter (a fork of a process whose OpenMP threads have run hangs)."""
+    `poll`, `wait`, `send_signal`, `returncode` and `stderr` (a file to read). A fork of this process where
+    `can_fork()`, else a new interpreter."""
 
     def __init__(self, argv):
         import subprocess
         import sys
 
-        import torch
-
         argv = [str(a) for a in argv]
-        if torch.get_num_threads() > 1:
+        self.returncode = None
+        if not can_fork():
             # a shell that starts the tests in the background makes them ignore SIGINT, and Python then never
             # raises KeyboardInterrupt: give the child the default disposition back
             self._popen = subprocess.Popen([sys.executable, "-m", "sonocad", *argv], stdout=subprocess.DEVNULL,
@@ -56,13 +63,14 @@ class Sonocad:
                                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
             self.pid, self.stderr = self._popen.pid, self._popen.stderr
             return
-        self._popen, self.returncode = None, None
-        err = tempfile.NamedTemporaryFile("w+", prefix="sonocad-stderr-", delete=False)
+        self._popen = None
+        err_fd, err_path = tempfile.mkstemp(prefix="sonocad-stderr-")
         self.pid = os.fork()
         if self.pid == 0:
-            self._child(argv, err.fileno())
-        self.stderr = open(err.name)
-        os.unlink(err.name)
+            self._child(argv, err_fd)
+        os.close(err_fd)                         # the child writes through its own copy
+        self.stderr = open(err_path)
+        os.unlink(err_path)
 
     @staticmethod
     def _child(argv, err_fd):

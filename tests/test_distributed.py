@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import one_line_error
+from conftest import can_fork, one_line_error
 
 from sonocad.cli.commands import _launch
 from sonocad.config import RunInfo, TrainConfig
@@ -20,11 +20,8 @@ B = 4
 
 
 def _start(fn, args: tuple, nprocs: int) -> None:
-    """torch.multiprocessing.spawn, but forked where torch runs one thread (the workers of `make test`): the ranks
-    skip the Python and torch start-up. A fork of a process whose OpenMP threads have run hangs, hence spawn
-    elsewhere."""
-    method = "fork" if torch.get_num_threads() == 1 else "spawn"
-    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method=method)
+    """torch.multiprocessing.spawn, but the ranks forked where conftest.can_fork()."""
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="fork" if can_fork() else "spawn")
 
 
 def _free_port() -> int:

@@ -13,10 +13,6 @@ ARGS = ["--img-size", "48", "--head-epochs", "4", "--finetune-epochs", "3", "--b
         "--patience", "10", "--seed", "1", "--quiet"]
 
 
-def _train(data, out, *extra):
-    return Sonocad(["train", data, *extra])
-
-
 def _metrics(run):
     m = json.loads((run / "metrics.json").read_text())
     m.pop("timing_seconds")
@@ -37,7 +33,7 @@ def full_run(phantoms, tmp_path_factory):
 
 
 def _interrupt(phantoms, run, sig, epochs_done, args=ARGS):
-    p = _train(phantoms, run, "--out", str(run), *args)
+    p = Sonocad(["train", phantoms, "--out", run, *args])
     log = run / "log.csv"
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None:
