@@ -23,6 +23,42 @@ BUSI = SHARED / "busi" / "Dataset_BUSI_with_GT"
 BUSBRA = SHARED / "busbra" / "BUSBRA"
 
 
+# The test files that take longest on 2 cores, longest first (pytest --durations, AMD EPYC, 0.2.0). `make test`
+# hands whole files to its two workers; starting with the long ones and keeping the short ones for the end lets
+# both workers finish together (longest-first scheduling). Only the order depends on this list, never a result.
+LONGEST_FILES = ("test_bench_smoke.py", "test_demo.py", "test_reliability.py", "test_adapt.py",
+                 "test_distributed.py", "test_pipeline.py", "test_export.py", "test_cv.py", "test_resume.py",
+                 "test_readme.py", "test_calibrate.py", "test_segment.py", "test_cli.py", "test_gpu_check.py",
+                 "test_dedup.py", "test_cache.py", "test_dicom.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))      # stable: a file's own order is kept
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` in the collection's order (longest files first), and a worker takes its next file only
+    when it is down to its last test, so that no file waits queued behind a long one while the other worker idles
+    (xdist's default takes the next file with two tests left, and orders files by their number of tests)."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongestFirst(LoadFileScheduling):
+        def _reschedule(self, node):
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                node.shutdown()
+            elif self._pending_of(self.assigned_work[node]) <= 1:     # its last test waits for what comes next
+                self._assign_work_unit(node)
+
+    config.option.loadscopereorder = False
+    return LongestFirst(config, log)
+
+
 def one_line_error(capsys, argv) -> str:
     """Run the CLI with `argv`: it must fail with exit code 2 and one line on stderr, which is returned."""
     from sonocad.cli.main import main
