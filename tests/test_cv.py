@@ -10,6 +10,7 @@ from PIL import Image
 from sonocad.cli.main import main
 from sonocad.data.synth import write_phantom_set
 from sonocad.workflows.cv import fold_indices, fold_operating_points
+from sonocad.workflows.evaluate import site_notice
 
 
 def test_fold_indices_keep_groups_and_strata():
@@ -100,7 +101,10 @@ def test_cv_keeps_planted_copies_in_one_fold(planted, tmp_path, capsys):
     assert main(["evaluate", str(out), str(ext), "--out", str(tmp_path / "ens")]) == 0
     ens = json.loads((tmp_path / "ens" / "metrics.json").read_text())
     assert ens["auc"] == pytest.approx(m["external"]["ensemble"]["auc"], abs=1e-6)
+    capsys.readouterr()
     assert main(["predict", str(out), str(ext / "benign")]) == 0
+    assert "chosen on the pooled out-of-fold predictions" in capsys.readouterr().err     # the site notice
+    assert ens["site_notice"] == site_notice(out)
     # ... at operating points chosen on all out-of-fold predictions at once, with their figures there
     from sonocad.deploy.predictor import Predictor
     from sonocad.evaluation.operating import choose_thresholds

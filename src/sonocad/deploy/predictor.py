@@ -92,7 +92,7 @@ class Predictor:
         loaded = [load_run(f, precision) for f in folds]
         check_folds_agree(run, [i for i, _, _ in loaded], "cannot ensemble them")
         first = loaded[0][0]
-        chosen = _pooled_points(run)
+        chosen = pooled_points(run)
         if chosen:           # chosen on the pooled out-of-fold predictions (cv of this version)
             thresholds = chosen.pop("thresholds")
         else:                # older cv folders: the folds' thresholds, averaged
@@ -148,7 +148,7 @@ class Predictor:
         return self.decide(self.predict_proba(images, batch_size))
 
 
-def _pooled_points(run: Path) -> dict | None:
+def pooled_points(run: Path) -> dict | None:
     """The operating points a finished cv chose on its pooled out-of-fold predictions, if it recorded them."""
     data = read_finished(run, ["metrics.json"]).get("metrics.json")
     points = json.loads(data).get("ensemble_operating_points") if data else None

@@ -19,7 +19,7 @@ from ..data import discover
 from ..data.dicom import frame_refs
 from ..data.discover import image_files
 from ..deploy.export import load_onnx
-from ..deploy.predictor import Predictor, cv_fold_dirs
+from ..deploy.predictor import Predictor, cv_fold_dirs, pooled_points
 from ..errors import OptionError, SonocadError, SonocadWarning
 from ..evaluation.metrics import delong_test
 from ..evaluation.reader import (
@@ -123,7 +123,10 @@ def site_notice(run: str | Path, engine: str = "auto") -> str | None:
     folders = [path] if (path / "config.json").is_file() else cv_fold_dirs(path)
     if not folders:
         return None
-    return RunInfo.load(folders[0] / "config.json").site_notice(str(run))
+    info = RunInfo.load(folders[0] / "config.json")
+    if folders != [path]:       # a cv folder: its thresholds are the ensemble's (Predictor.load), not fold 1's
+        info.operating_points = pooled_points(path) or {}
+    return info.site_notice(str(run))
 
 
 def predict_paths(run: str | Path, inputs: list[str | Path], skip_bad: bool = False,
