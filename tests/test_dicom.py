@@ -235,7 +235,8 @@ def test_cine_loops_train_predict_and_keep_their_frames_together(tmp_path):
 
     from sonocad.config import TrainConfig
     from sonocad.dedup import DedupSettings
-    from sonocad.training.prepare import data_record, dedup_cache_key, hold_out_test, prepare_data, split_train_val
+    from sonocad.training.datarecord import data_record
+    from sonocad.training.prepare import dedup_cache_key, hold_out_test, prepare_data, split_train_val
     from sonocad.workflows.cv import fold_indices
     from sonocad.workflows.evaluate import predict_paths
     from sonocad.workflows.train import fit

@@ -226,6 +226,36 @@ def test_resume_refuses_other_data_or_settings(interrupted, capsys):
                                                                    "--quiet"])
 
 
+def test_resume_judges_files_by_their_content(phantoms, tmp_path):
+    """Files whose modification times alone changed (a copy with new times, a checkout) are the same data; a
+    file whose bytes changed at the same size is not; a record written before SHA-256 was kept falls back to the
+    times."""
+    import shutil
+
+    from sonocad.data import discover
+    from sonocad.training.datarecord import check_same_data, data_record, write_data_record
+
+    data = tmp_path / "data"
+    shutil.copytree(phantoms, data)
+    record = tmp_path / "data.json"
+    write_data_record(record, data_record(discover(data, ["benign", "malignant"])))
+    first = next(data.glob("benign/*).png"))
+    later = time.time() + 100
+    for p in data.rglob("*.png"):
+        os.utime(p, (later, later))
+    check_same_data(record, data_record(discover(data, ["benign", "malignant"])))     # no refusal
+    raw = bytearray(first.read_bytes())
+    raw[-20] ^= 0xFF                                  # same size, other bytes
+    first.write_bytes(bytes(raw))
+    with pytest.raises(SonocadError, match=r"data: 1 image\(s\) changed on disk \(e.g. .*benign"):
+        check_same_data(record, data_record(discover(data, ["benign", "malignant"])))
+    old = json.loads(record.read_text())
+    del old["sha256"]
+    record.write_text(json.dumps(old))
+    with pytest.raises(SonocadError, match=r"data: 48 image\(s\) changed on disk"):
+        check_same_data(record, data_record(discover(data, ["benign", "malignant"])))
+
+
 def test_damaged_feature_cache_on_resume(interrupted, capsys):
     manifest, run, _ = interrupted
     (run / "checkpoints" / "features.pt").write_bytes(b"\x80\x04cos\nsystem\n(S'echo pwned'\ntR.")

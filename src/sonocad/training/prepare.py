@@ -22,12 +22,12 @@ from ..config import TrainConfig
 from ..data import discover, load_many, resolve_classes, stratified_group_split, undersample
 from ..data.augment import augment_batch
 from ..data.cache import AUTO_DISK_BYTES, cached_images, cached_masks
-from ..data.dicom import split_ref
 from ..data.images import load_mask
 from ..data.split import group_ids
 from ..errors import SonocadError
 from ..io.files import atomic_write_text
 from ..models.classifier import input_config
+from .datarecord import size_and_time
 
 
 @dataclass
@@ -193,18 +193,12 @@ def with_duplicate_groups(split: Split, cfg: TrainConfig, progress: bool = False
     return replace(split, groups=group_ids(groups)), n_dup
 
 
-def _size_and_time(path: str) -> tuple[int, int]:
-    """Size and modification time (ns) of a sample's file (a cine loop's file for one of its frames)."""
-    st = os.stat(split_ref(path)[0])
-    return st.st_size, st.st_mtime_ns
-
-
 def dedup_cache_key(paths: list[str], settings) -> str:
     """Cache key of a duplicate search: every setting of the search (`settings.fingerprint()`), the precision
     its embeddings run at, and every file's name, size and modification time."""
     from ..models.infer import resolve_precision
 
-    stats = [(p, *_size_and_time(p)) for p in paths]
+    stats = [(p, *size_and_time(p)) for p in paths]
     # the embeddings run in bf16 where the CPU has it: a cache shared between machines must not mix them
     key = [settings.fingerprint(), resolve_precision("auto").name, stats]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
@@ -311,47 +305,3 @@ def offline_augment(split: Split, copies: int, seed: int, appearance: str = "sta
     return Split(np.concatenate(images), np.tile(split.y, copies + 1), split.samples * (copies + 1),
                  masks=None if masks is None else np.concatenate(warped),
                  known=None if split.known is None else np.tile(split.known, copies + 1))
-
-
-def data_record(samples: list, test_samples: list = ()) -> dict:
-    """What a run is trained (and tested) on, file by file: path, size, modification time, label, group,
-    site. Written when a run starts, compared when it resumes."""
-    def rows(ss):
-        return [[os.path.abspath(s.path), *_size_and_time(s.path), s.label, s.group, s.site] for s in ss]
-
-    return {"data": rows(samples), "test": rows(test_samples)}
-
-
-def write_data_record(path: Path, record: dict) -> None:
-    atomic_write_text(path, json.dumps(record))
-
-
-def check_same_data(path: Path, record: dict) -> None:
-    """Refuse to resume on data that differ from the record the run started with, saying how."""
-    try:
-        old = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return      # runs started before sonocad recorded their data
-    except (OSError, ValueError) as e:
-        raise SonocadError(f"{path}: damaged record of the run's data ({e.__class__.__name__})") from None
-    if not (isinstance(old, dict) and all(isinstance(old.get(k, []), list) for k in ("data", "test"))
-            and all(isinstance(r, list) and len(r) == 6 for k in ("data", "test") for r in old.get(k, []))):
-        raise SonocadError(f"{path}: damaged record of the run's data")
-    problems = []
-    for part in ("data", "test"):
-        before = {r[0]: r[1:] for r in old.get(part, [])}
-        now = {r[0]: r[1:] for r in record[part]}
-        added, removed = sorted(set(now) - set(before)), sorted(set(before) - set(now))
-        changed = sorted(p for p in set(now) & set(before) if now[p][:2] != before[p][:2])
-        relabelled = sorted(p for p in set(now) & set(before) if now[p][2:] != before[p][2:])
-        for what, paths in (("new", added), ("missing", removed), ("changed on disk", changed),
-                            ("with another label, group or site", relabelled)):
-            if paths:
-                problems.append(f"{part}: {len(paths)} image(s) {what} (e.g. {paths[0]})")
-    for part in ("data", "test"):
-        if not problems and [r[0] for r in old.get(part, [])] != [r[0] for r in record[part]]:
-            # the splits are drawn by position: the same images in another order make other splits
-            problems.append(f"{part}: the same images in another order (sites or manifest rows reordered)")
-    if problems:
-        raise SonocadError(f"the data differ from those the run started with: {'; '.join(problems)}; resume "
-                           "with the same data, or start a new run")

@@ -27,11 +27,10 @@ from ..io.rundir import RunLock, prepare_output, swap_in
 from ..models.classifier import Classifier, count_parameters, fold_batchnorm, save_model
 from ..models.infer import InputPipeline, Precision, resolve_precision, run_batches
 from ..runtime import dist
+from ..training.datarecord import check_same_data, data_record, write_data_record
 from ..training.prepare import (
     Prepared,
     Split,
-    check_same_data,
-    data_record,
     data_summary,
     decode_split,
     decode_task,
@@ -39,7 +38,6 @@ from ..training.prepare import (
     hold_out_test,
     split_train_val,
     trains_mask_head,
-    write_data_record,
 )
 from ..training.starting import (
     build_model,
