@@ -46,6 +46,9 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadFileScheduling
 
+    if not all(hasattr(LoadFileScheduling, n) for n in ("_reschedule", "_pending_of", "_assign_work_unit")):
+        return None         # another xdist than the lock's (3.8): its own scheduling, in the collection's order
+
     class LongestFirst(LoadFileScheduling):
         def _reschedule(self, node):
             if node.shutting_down:
