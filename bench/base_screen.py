@@ -33,17 +33,18 @@ from sonocad.evaluation.metrics import binary_metrics, delong_test  # noqa: E402
 from sonocad.evaluation.operating import to_logits  # noqa: E402
 from sonocad.models.infer import run_batches, tta_views  # noqa: E402
 
-from harness import CLASSES, ROOT, SHARED, SITES, Bench, fake_sites, other_site, tiny_run  # noqa: E402, I001
+from harness import (  # noqa: E402, I001
+    CLASSES, ROOT, SHARED, SITES, TTA_CHOICES, TTA_HELP, Bench, fake_sites, other_site, tiny_run, tta_setting)
+
+View = tuple[float, bool]       # (zoom, mirrored), as infer.tta_views
 
 
-TTA_VIEWS = {"none": 1, "mirror": 2, "full": None}      # the first n of infer.tta_views(True, zooms); None: all
-
-
-def view_logits(run: str, paths: list[str], cache: Path) -> tuple[np.ndarray, float]:
-    """The run's logit of P(malignant) for each test-time view and path, (views, N) in infer.tta_views order
-    (cached), and the seconds it took (0 when cached). A cv folder's members are averaged per view."""
+def view_logits(run: str, paths: list[str], cache: Path) -> tuple[np.ndarray, list[View], float]:
+    """The run's logit of P(malignant) for each test-time view of its config and each path, (views, N), with
+    those views (cached), and the seconds it took (0 when cached). A cv folder's members are averaged per view."""
     if cache.is_file():
-        return np.load(cache), 0.0
+        with np.load(cache) as f:
+            return f["logits"], [(float(zoom), bool(flip)) for zoom, flip in f["views"]], 0.0
     t0 = time.perf_counter()
     p = Predictor.load(run)
     images = p.decode(paths)[0]
@@ -54,8 +55,15 @@ def view_logits(run: str, paths: list[str], cache: Path) -> tuple[np.ndarray, fl
             raw = torch.from_numpy(run_batches(model, images, pipeline, views=[view]))
             z[k] += to_logits(model.probabilities(raw)[:, 1].double().numpy()) / len(p.members)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.save(cache, z)
-    return z, time.perf_counter() - t0
+    np.savez(cache, logits=z, views=np.asarray(views, float))
+    return z, views, time.perf_counter() - t0
+
+
+def choice_logits(logits: np.ndarray, views: list[View], choice: str) -> np.ndarray:
+    """The mean logit over the views a test-time augmentation choice (harness.TTA_CHOICES) takes, for the run
+    whose views are `views` (its zooms: the views' other than 1)."""
+    setting = tta_setting(choice, sorted({zoom for zoom, _ in views} - {1.0}))
+    return logits[[views.index(v) for v in tta_views(setting["tta"], setting["tta_zooms"])]].mean(0)
 
 
 def add_arguments(ap) -> None:
@@ -63,9 +71,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--runs", nargs="+", help="runs trained on --train alone; the first is the reference "
                     "(--smoke: two tiny ones)")
     ap.add_argument("--ensemble", nargs="*", default=[], metavar="NAME=RUN,RUN", help="named ensembles")
-    ap.add_argument("--tta", nargs="+", default=["full"], choices=list(TTA_VIEWS),
-                    help="test-time augmentation choices, each candidate scored under each (default full); the "
-                    "first choice of the first run is the reference")
+    ap.add_argument("--tta", nargs="+", default=["full"], choices=TTA_CHOICES,
+                    help=f"{TTA_HELP}; each candidate is scored under each (default full), the first choice of the "
+                    "first run is the reference")
     ap.add_argument("--work", help="cached scores and the result (default runs/base-screen)")
     ap.add_argument("--data", type=Path, default=SHARED, help="the folder of the two sites (default ../shared/data)")
 
@@ -90,9 +98,10 @@ def main(argv=None) -> int:
         names = {r: "/".join(Path(r).parts[-2:]) for r in a.runs}
     views, seconds = {}, {}
     for run, name in names.items():
-        cache = work / f"views-{str(Path(run).resolve()).strip('/').replace('/', '_')}.npy"
-        views[run], seconds[run] = view_logits(run, paths, cache)
-        print(f"{name}: scored {len(paths)} scans of {other} in {len(views[run])} views in {seconds[run]:.0f} s "
+        cache = work / f"views-{str(Path(run).resolve()).strip('/').replace('/', '_')}.npz"
+        logits, run_views, seconds[run] = view_logits(run, paths, cache)
+        views[run] = logits, run_views
+        print(f"{name}: scored {len(paths)} scans of {other} in {len(run_views)} views in {seconds[run]:.0f} s "
               "(0: cached)", flush=True)
     groups = dict(g.split("=", 1) for g in a.ensemble) if a.ensemble else {"all": ",".join(a.runs)}
     for name, members in groups.items():
@@ -101,7 +110,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"bench/base_screen.py: ensemble {name}: {', '.join(missing)} not among --runs")
     candidates = {}
     for tta in a.tta:
-        logits = {r: v[:TTA_VIEWS[tta]].mean(0) for r, v in views.items()}
+        logits = {r: choice_logits(z, v, tta) for r, (z, v) in views.items()}
         tag = f" [{tta}]" if len(a.tta) > 1 else ""
         candidates.update({names[r] + tag: logits[r] for r in a.runs})
         candidates.update({f"ensemble {name}{tag}": np.mean([logits[m] for m in members.split(",")], axis=0)

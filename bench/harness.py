@@ -40,6 +40,17 @@ def other_site(site: str) -> str:
     return next(s for s in SITES if s != site)
 
 
+# -- test-time augmentation choices ----------------------------------------------------------------
+TTA_CHOICES = ("none", "mirror", "full")
+TTA_HELP = ("test-time augmentation choices: none = the image alone, mirror = and its mirror image, full = and "
+            "each of the run's zooms, mirrored too (a run's default)")
+
+
+def tta_setting(choice: str, zooms) -> dict:
+    """The run config's fields for a TTA_CHOICES entry, for a run whose zooms are `zooms`."""
+    return {"tta": choice != "none", "tta_zooms": list(zooms) if choice == "full" else []}
+
+
 # -- the machine -----------------------------------------------------------------------------------
 def machine() -> dict:
     """The CPU (lscpu's model name, family and model), its cores, the GPU if any, Python and torch."""

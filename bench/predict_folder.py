@@ -3,8 +3,8 @@
 Writes N images (BUSI benign + malignant PNGs copied, cycled, under new names; synthetic phantoms without
 ../shared) into a temporary folder, then times `sonocad.workflows.evaluate.predict_paths` on it end to end, and
 separately its two parts on the same files: decoding + resizing + overlay removal (`load_many`), and the
-model (`Predictor.predict`, with the run's test-time augmentation; with --tta, also under each choice given:
-none = the image alone, mirror = and its mirror image, full = and each of the run's zooms, mirrored too). Prints
+model (`Predictor.predict`, with the run's test-time augmentation; with --tta, also under each choice given,
+harness.TTA_CHOICES). Prints
 images/s for each and the share of the wall time the model takes.
 
     .venv/bin/python bench/predict_folder.py runs/busi               # 1,000 images
@@ -18,7 +18,8 @@ import dataclasses
 import sys
 import time
 
-from harness import Bench, add_run_argument, copy_images, run_for  # noqa: E402  (bench/ is on sys.path when a script runs)
+# bench/ is on sys.path when a script runs
+from harness import TTA_CHOICES, TTA_HELP, Bench, add_run_argument, copy_images, run_for, tta_setting  # noqa: E402
 
 from sonocad.data import load_many  # noqa: E402
 from sonocad.data.discover import image_files  # noqa: E402
@@ -30,8 +31,8 @@ from sonocad.workflows.evaluate import predict_paths  # noqa: E402
 def add_arguments(p) -> None:
     add_run_argument(p)
     p.add_argument("--images", type=int, default=1000)
-    p.add_argument("--tta", nargs="*", default=[], choices=["none", "mirror", "full"],
-                   help="also time the model under these test-time augmentation choices")
+    p.add_argument("--tta", nargs="*", default=[], choices=TTA_CHOICES,
+                   help=f"also time the model under these {TTA_HELP}")
 
 
 def main(argv=None) -> int:
@@ -71,8 +72,7 @@ def main(argv=None) -> int:
                "model_images_per_s": n / t_model, "model_share": t_model / (t_read + t_model)}
     own = info.config
     for choice in args.tta:
-        predictor.info.config = dataclasses.replace(own, tta=choice != "none",
-                                                    tta_zooms=own.tta_zooms if choice == "full" else [])
+        predictor.info.config = dataclasses.replace(own, **tta_setting(choice, own.tta_zooms))
         t0 = time.perf_counter()
         predictor.predict_proba(images)
         t_choice = time.perf_counter() - t0
