@@ -61,21 +61,35 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
+RUN_HELP = "a run directory, a cv folder (its fold models as one ensemble) or a shipped model (bus-base)"
+RUN_OR_ONNX_HELP = RUN_HELP[:-len(" or a shipped model (bus-base)")] + ", a shipped model (bus-base) or an .onnx file"
+
+
+def _train_args(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("data", nargs="+", help="class-folder dataset(s) or CSV manifest(s); several = several sites")
-    p.add_argument("--out", help="run directory to write")
-    p.add_argument("--resume", metavar="RUN", help="continue the interrupted run RUN from its last checkpoint")
-    p.add_argument("--test", dest="test_data", help="evaluate on this dataset instead of a held-out part")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out: the new run is "
-                   "built beside it and swapped in when finished")
+    if verb == "train":
+        p.add_argument("--out", help="run directory to write (required, except with --resume)")
+        p.add_argument("--resume", metavar="RUN", help="continue the interrupted run RUN from its last checkpoint")
+        p.add_argument("--test", dest="test_data", help="evaluate on this dataset instead of a held-out part")
+        p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out: the new run is "
+                       "built beside it and swapped in when finished")
+    else:
+        p.add_argument("--out", help="folder to write (required): a run per fold and the pooled figures; finished "
+                       "folds found there are reused")
+        # train's options, hidden: given to cv they are refused with the reason (cmd_cv), not as unknown
+        p.add_argument("--resume", help=argparse.SUPPRESS)
+        p.add_argument("--test", dest="test_data", help=argparse.SUPPRESS)
+        p.add_argument("--overwrite", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_options(p)
 
 
 def _reading_options(p: argparse.ArgumentParser) -> None:
     """Options of the verbs that read images with a trained run."""
-    p.add_argument("--skip-bad", action="store_true")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--skip-bad", action="store_true", help="leave out images that cannot be read, each named in "
+                   "one line (default: stop at the first)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="arithmetic of the model (default auto: "
+                   "bf16 on a GPU and on CPUs fast at it, else fp32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,15 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sonocad {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="train a classifier and evaluate it on held-out data")
-    _train_args(p)
+    _train_args(p, "train")
     p.add_argument("--devices", type=int, default=1, metavar="N",
                    help="train with N processes (DistributedDataParallel: one per GPU, or gloo on CPU cores); "
                    "runs torchrun --standalone --nproc-per-node N -m sonocad train ...")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cv", help="stratified group K-fold cross-validation of the training recipe")
-    _train_args(p)
-    p.add_argument("--folds", type=int, default=5)
+    _train_args(p, "cv")
+    p.add_argument("--folds", type=int, default=5, help="folds (default 5)")
     p.add_argument("--repeats", type=int, default=1, help="repeat with different seeds")
     p.add_argument("--external", help="also evaluate every fold model (and their ensemble) on this dataset")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="train N folds at once, each in its own "
@@ -102,26 +116,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("compare", help="paired DeLong test of two runs on the same images")
-    p.add_argument("run_a")
-    p.add_argument("run_b")
-    p.add_argument("data")
-    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("run_a", help=RUN_HELP)
+    p.add_argument("run_b", help="the other: " + RUN_HELP)
+    p.add_argument("data", help="labelled images both runs are scored on (class folders or a manifest)")
+    p.add_argument("--skip-bad", action="store_true", help="leave out images that cannot be read")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("dedup", help="find exact and near-duplicate images (and label conflicts)")
-    p.add_argument("data")
-    p.add_argument("--classes", nargs="+")
+    p.add_argument("data", help="a class-folder dataset or a CSV manifest")
+    p.add_argument("--classes", nargs="+", help="the class folders to search (default: every one)")
     p.add_argument("--method", default="combined", choices=["phash", "embed", "match", "combined"],
-                   help="detector: perceptual hash, CNN embedding, cross-correlation match, or pHash + match")
-    p.add_argument("--threshold", type=float, help="linking score of the method (combined: of match)")
+                   help="detector: perceptual hash, CNN embedding, cross-correlation match, or pHash + match "
+                   "(default combined)")
+    p.add_argument("--threshold", type=float, help="linking score of the method (combined: of match; default: the "
+                   "method's own, docs/dedup.md)")
     p.add_argument("--out", help="folder for duplicates.csv (path, group, label) and duplicates.json")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_dedup)
 
     p = sub.add_parser("evaluate", help="evaluate a trained run on another dataset")
-    p.add_argument("run")
-    p.add_argument("data", nargs="+")
-    p.add_argument("--out", required=True)
+    p.add_argument("run", help=RUN_OR_ONNX_HELP)
+    p.add_argument("data", nargs="+", help="labelled images (class folders or a manifest); several = several sites")
+    p.add_argument("--out", required=True, help="folder for metrics.json, predictions.csv and report.html")
     _reading_options(p)
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
                    help="torch: the run's PyTorch model; onnx: a file written by sonocad export (auto: by RUN)")
@@ -136,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="class probabilities for images or folders of images")
-    p.add_argument("run")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("run", help=RUN_OR_ONNX_HELP)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files (PNG, JPEG, BMP, TIFF or DICOM) "
+                   "or folders of them, searched recursively (lesion masks and hidden files left out)")
     p.add_argument("--csv", help="write the predictions to this CSV instead of standard output")
     p.add_argument("--heatmaps", metavar="DIR", help="also write a Grad-CAM picture of each image into DIR")
     p.add_argument("--masks", metavar="DIR", help="also write each image's predicted lesion mask (PNG, the scan's "
@@ -177,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("explain", help="where the model looked: a Grad-CAM picture of each scan")
-    p.add_argument("run")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("run", help=RUN_HELP)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files (PNG, JPEG, BMP, TIFF or DICOM) "
+                   "or folders of them, searched recursively (lesion masks and hidden files left out)")
     p.add_argument("--out", required=True, help="folder for the pictures and explanations.csv")
     p.add_argument("--target", default="default", help="class explained: binary runs the positive class (default) "
                    "or 'other' or a class name; multi-class runs each image's predicted class (default) or a name")
@@ -186,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("export", help="the run's model as one ONNX file, with its preprocessing in the metadata")
-    p.add_argument("run")
+    p.add_argument("run", help="a run directory, a fold of a cv folder, or a shipped model (bus-base)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--int8", action="store_true", help="static int8 (QDQ, per channel), calibrated on training images")
     p.add_argument("--calibration", help="images to calibrate int8 on (default: the run's training data)")
@@ -195,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="one scan in a browser, and a JSON API (research tool, not a diagnostic device)")
     p.add_argument("run", help="a run directory, a cv folder or an exported .onnx file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="arithmetic of the model (default auto)")
     p.add_argument("--token", help="access token the page and API ask for (default: $SONOCAD_TOKEN; needed to serve "
                    "on an address other than this machine's, unless --insecure)")
     p.add_argument("--insecure", action="store_true", help="serve on a network address without an access token")
@@ -206,20 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("synth", help="write a synthetic B-mode phantom dataset (demo and test data)")
-    p.add_argument("out")
-    p.add_argument("--n", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument("out", help="folder to write, in the BUSI layout (class folders, lesion masks beside)")
+    p.add_argument("--n", type=int, default=200, help="phantoms, half benign, half malignant (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--size", type=int, default=128, help="image side in px (default 128)")
     p.add_argument("--add", action="store_true", help="write the phantoms into a folder that already holds files "
                    "(beside them: a file of a phantom's name is kept if it is that phantom, else refused)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("summary", help="parameters and memory estimate of a model")
-    p.add_argument("--model", default="tf_efficientnet_lite0")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--unfreeze", default="2")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--model", default="tf_efficientnet_lite0", help="backbone (default tf_efficientnet_lite0)")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch (default 32)")
+    p.add_argument("--img-size", type=int, help="input side in px (default: the model's own)")
+    p.add_argument("--unfreeze", default="2", help="backbone blocks trained in phase 2, as train's --unfreeze "
+                   "(default 2)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_summary)
     return parser
 
