@@ -52,7 +52,7 @@ def test_predict_and_evaluate_with_the_onnx_engine(exported, tiny_run, phantoms,
     assert main(["evaluate", str(fp32), str(phantoms), "--out", str(tmp_path / "e"), "--engine", "onnx"]) == 0
 
 
-def test_export_bad_input(exported, tiny_run, tmp_path, capsys):
+def test_export_bad_input(exported, tiny_run, phantoms, tmp_path, capsys):
     fp32, _ = exported
     assert "--out: " in one_line_error(capsys, ["export", str(tiny_run), "--out", str(tmp_path / "m.txt")])
     assert "which this command reads" in one_line_error(capsys, ["export", str(tiny_run), "--out",
@@ -63,3 +63,8 @@ def test_export_bad_input(exported, tiny_run, tmp_path, capsys):
     (tmp_path / "x.onnx").write_bytes(b"not onnx")
     assert "x.onnx: not a readable ONNX file" in one_line_error(capsys, ["predict", str(tmp_path / "x.onnx"),
                                                                        str(tmp_path)])
+    for argv in (["explain", str(fp32), str(phantoms), "--out", str(tmp_path / "e")],
+                 ["train", str(phantoms), "--init", str(fp32), "--out", str(tmp_path / "t")],
+                 ["adapt", str(fp32), str(phantoms), "--out", str(tmp_path / "a")]):
+        assert "m.onnx: an ONNX file holds the model for predict, evaluate and serve only" in one_line_error(capsys,
+                                                                                                            argv)

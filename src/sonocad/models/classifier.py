@@ -213,6 +213,9 @@ def trained_model(run: str | Path):
     """(RunInfo, Classifier with the run's trained weights, in training form: BatchNorm not folded) of a
     finished run directory or a shipped model's name (sonocad.zoo)."""
     run = resolve(run)
+    if run.is_file() and run.suffix == ".onnx":
+        raise SonocadError(f"{run}: an ONNX file holds the model for predict, evaluate and serve only; give the run "
+                           "directory it was exported from")
     if not run.is_dir():
         raise SonocadError(f"{run}: run directory not found")
     if not (run / "config.json").exists():
