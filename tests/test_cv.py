@@ -5,10 +5,12 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import one_line_error
 from PIL import Image
 
 from sonocad.cli.main import main
 from sonocad.data.synth import write_phantom_set
+from sonocad.io.rundir import kind
 from sonocad.workflows.cv import fold_indices, fold_operating_points
 from sonocad.workflows.evaluate import site_notice
 
@@ -97,6 +99,15 @@ def test_cv_keeps_planted_copies_in_one_fold(planted, tmp_path, capsys):
     assert main(["cv", str(root), "--folds", "3", "--out", str(out), "--img-size", "48", "--head-epochs", "3",
                  "--finetune-epochs", "1", "--batch-size", "8", "--external", str(ext), "--quiet"]) == 2
     assert "trained with other settings (head_epochs)" in capsys.readouterr().err
+    # refused before anything is trained or touched: another number of folds or repeats
+    for more, message in ((["--folds", "4"], "fold-1: finished fold holds other images than this split"),
+                          (["--folds", "2"], "holds folds of another cross-validation (fold-3; this one has 2 folds)"),
+                          (["--folds", "3", "--repeats", "2"], "another cross-validation (fold-1, fold-2, fold-3;")):
+        argv = ["cv", str(root), "--out", str(out), "--img-size", "48", "--head-epochs", "2", "--finetune-epochs",
+                "1", "--batch-size", "8", "--external", str(ext), "--quiet", *more]
+        assert message in one_line_error(capsys, argv)
+    assert kind(out) == "cv" and not (out / "fold-4").exists() and not (out / "repeat-1").exists()
+    assert (out / "fold-1" / "model.safetensors").stat().st_mtime_ns == before
     # the cv folder is an ensemble for evaluate and predict: same AUC as the cv's external figure
     assert main(["evaluate", str(out), str(ext), "--out", str(tmp_path / "ens")]) == 0
     ens = json.loads((tmp_path / "ens" / "metrics.json").read_text())

@@ -90,7 +90,7 @@ def cross_validate(data, out, cfg: TrainConfig | None = None, folds: int = 5, re
         st = rundir.state(out)
         if st == "other" or (st == "finished" and rundir.kind(out) != "cv") or (out / "config.json").exists():
             raise OptionError("out", f"{out} holds something other than a cross-validation; choose a new folder")
-        (out / rundir.MARKER).unlink(missing_ok=True)     # in progress again until its summary is rewritten
+        _refuse_other_folds(out, folds, repeats)
         metrics = _cross_validate(data, ensure_writable_dir(out), cfg, folds, repeats, external, progress, workers)
         rundir.finish(out, ["metrics.json", "oof_predictions.csv", "report.html"], kind="cv")
     return metrics
@@ -133,12 +133,14 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
             fold_cfg = TrainConfig.from_dict({**cfg.to_dict(), "seed": seed + k})
             done = rundir.kind(fold_dir) == "train" and (not ext or ext_csv.is_file())
             if done:
-                _check_reused_fold(fold_dir, fold_cfg)
+                _check_reused_fold(fold_dir, fold_cfg, [full.samples[i].path for i in held], classes)
             else:
-                (fold_dir / rundir.MARKER).unlink(missing_ok=True)   # trained again in place: unfinished until done
                 name = f"fold {k + 1}/{folds}" + (f" (repeat {r + 1})" if repeats > 1 else "")
                 jobs.append(FoldJob(data, prepared, rest, held, fold_cfg, f"fold {k + 1} of {folds}", fold_dir,
                                     bad[len(prepared.bad):], ext, external, name))
+    # every check passed, nothing touched yet: from here the folder is in progress until its summary is rewritten
+    for path in (out, *(job.fold_dir for job in jobs)):
+        (path / rundir.MARKER).unlink(missing_ok=True)
     run_folds(jobs, workers, progress)
     for r in range(repeats):
         for k in range(folds):
@@ -293,14 +295,31 @@ def run_folds(jobs: list[FoldJob], workers: int = 1, progress: bool = True) -> N
                 print(f"{name}: done", flush=True)
 
 
-def _check_reused_fold(fold_dir: Path, fold_cfg: TrainConfig) -> None:
-    """A finished fold is reused only when it is whole and was trained with this cross-validation's settings."""
+def _check_reused_fold(fold_dir: Path, fold_cfg: TrainConfig, held_out: list[str], classes: list[str]) -> None:
+    """A finished fold is reused only when it is whole, was trained with this cross-validation's settings and
+    holds out this split's images."""
     rundir.check_finished(fold_dir)
     stored = RunInfo.load(fold_dir / "config.json").config
     differ = [k for k, v in fold_cfg.to_dict().items() if getattr(stored, k) != v]
     if differ:
         raise SonocadError(f"{fold_dir}: finished fold was trained with other settings ({', '.join(differ)}); "
                            "use a new --out folder")
+    if read_predictions(fold_dir / "predictions.csv", classes)[0] != held_out:
+        raise SonocadError(f"{fold_dir}: finished fold holds other images than this split (another number of "
+                           "folds, or other data); use a new --out folder")
+
+
+def _refuse_other_folds(out: Path, folds: int, repeats: int) -> None:
+    """Refuse, before anything is written, a folder holding folds that this cross-validation would not write
+    (another number of folds or repeats): left beside the new ones, an ensemble would load them too."""
+    expected = {f"repeat-{r + 1}/fold-{k + 1}" if repeats > 1 else f"fold-{k + 1}"
+                for r in range(repeats) for k in range(folds)}
+    found = {str(p.relative_to(out)) for p in [*out.glob("fold-*"), *out.glob("repeat-*/fold-*")] if p.is_dir()}
+    other = sorted(found - expected)
+    if other:
+        raise SonocadError(f"{out} holds folds of another cross-validation ({', '.join(other[:3])}"
+                           f"{', ...' if len(other) > 3 else ''}; this one has {folds} folds"
+                           f"{f' x {repeats} repeats' if repeats > 1 else ''}); use a new --out folder")
 
 
 def fold_operating_points(y: np.ndarray, prob: np.ndarray, thresholds: list[dict]) -> dict:
