@@ -366,6 +366,31 @@ def test_named_pipe_is_refused_not_waited_on(tiny_run, tmp_path):
     assert r.returncode == 2 and "scan.png: not a regular file" in r.stderr
 
 
+def test_a_pipe_or_device_in_a_run_is_refused_not_waited_on(tiny_run, phantoms, tmp_path, capsys):
+    import shutil
+
+    def timeout(*_):
+        raise TimeoutError("waited on a file of the run")
+
+    image = str(next(phantoms.glob("benign/*).png")))
+    previous = signal.signal(signal.SIGALRM, timeout)
+    try:
+        for name, make, message in (("model.safetensors", os.mkfifo, "model.safetensors: not a regular file"),
+                                    ("model.safetensors", lambda p: os.symlink("/dev/zero", p),
+                                     "model.safetensors: not a regular file"),
+                                    ("run.json", os.mkfifo, "run.json: damaged record of a finished run")):
+            run = tmp_path / f"run-{name}-{make.__name__}"
+            shutil.copytree(tiny_run, run)
+            (run / name).unlink()
+            make(run / name)
+            signal.alarm(60)
+            assert message in _err(capsys, ["predict", str(run), image])
+            signal.alarm(0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 # --- 12: clear messages, readable files ---------------------------------------------------------------------
 
 def test_interrupt_before_any_checkpoint_does_not_promise_resume(phantoms, tmp_path):

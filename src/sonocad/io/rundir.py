@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 from pathlib import Path
 
 from ..errors import OptionError, SonocadError
@@ -38,10 +39,20 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def read_regular(path: Path) -> bytes:
+    """A file's bytes. Anything else in its place (a named pipe, a device, a folder) is refused with
+    SonocadError, never waited on or read without end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)      # a named pipe opens at once, so that fstat can see it
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SonocadError(f"{path}: not a regular file (a named pipe, a device or a folder in its place)")
+        return f.read()
+
+
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        return json.loads(read_regular(path))
+    except (OSError, ValueError, UnicodeDecodeError, SonocadError):
         return None
 
 
@@ -122,7 +133,7 @@ def check_finished(run: str | os.PathLike, unchecked: tuple[str, ...] = ()) -> d
     m = _marker(run)
     files = m["files"] if m else {}
     changed = [n for n, digest in files.items() if n not in unchecked
-               and (not (run / n).is_file() or _sha256((run / n).read_bytes()) != digest)]
+               and (not (run / n).is_file() or _sha256(read_regular(run / n)) != digest)]
     if changed:
         raise _changed(run, changed)
     return files
@@ -138,13 +149,13 @@ def read_finished(run: str | os.PathLike, names: list[str]) -> dict[str, bytes]:
     swaps a new run in (the marker is read before and after; the bytes are checked against it)."""
     run = Path(run)
     for _ in range(5):
-        before = (run / MARKER).read_bytes() if (run / MARKER).is_file() else b""
+        before = read_regular(run / MARKER) if (run / MARKER).is_file() else b""
         files = check_finished(run, unchecked=tuple(names))
         try:
-            data = {n: (run / n).read_bytes() for n in names}
+            data = {n: read_regular(run / n) for n in names}
         except FileNotFoundError:
             data = None
-        after = (run / MARKER).read_bytes() if (run / MARKER).is_file() else b""
+        after = read_regular(run / MARKER) if (run / MARKER).is_file() else b""
         if before != after:
             continue                                 # a new run was swapped in meanwhile: read again
         if data is None:
