@@ -163,6 +163,8 @@ def test_bad_input_is_one_line_and_nothing_is_lost(adapted, tiny_run, local_scan
         (["adapt", str(tiny_run), manifest, "--out", str(tmp_path / "d"), "--target-sensitivity", "1.5"],
          "--target-sensitivity"),
         (["adapt", str(tiny_run), manifest, "--out", str(tmp_path / "e"), "--folds", "1"], "--folds"),
+        (["adapt", str(tiny_run), manifest, "--out", str(tmp_path / "f"), "--seed", "-1"], "--seed: must be between"),
+        (["adapt", str(tiny_run), manifest, "--out", str(tmp_path / "g"), "--seed", str(2**64)], "--seed"),
     ]
     for argv, words in cases:
         err = one_line_error(capsys, argv)

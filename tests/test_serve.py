@@ -156,6 +156,9 @@ def test_network_address_needs_a_token_or_insecure(tiny_run, monkeypatch):
     assert e.value.flag == "--host"
     with pytest.raises(OptionError, match="at least 16"):
         serve(tiny_run, host="0.0.0.0", token="short")
+    for port in (0, -1, 70000):
+        with pytest.raises(OptionError, match=f"must be between 1 and 65535, not {port}"):
+            serve(tiny_run, port=port)
 
 
 def test_requests_beyond_the_queue_get_503(tiny_run, phantoms, monkeypatch):

@@ -311,6 +311,8 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, precision:
 
     import uvicorn
 
+    if not 1 <= port <= 65535:
+        raise OptionError("port", f"must be between 1 and 65535, not {port}")
     token = token or os.environ.get(TOKEN_VARIABLE) or None
     if token is not None and (len(token) < MIN_TOKEN or not token.isprintable() or " " in token):
         raise OptionError("token", f"must be at least {MIN_TOKEN} printable characters without spaces, e.g. "

@@ -27,7 +27,7 @@ import torch
 from scipy.special import expit
 from sklearn.model_selection import StratifiedGroupKFold
 
-from ..config import DEFAULT_KEEP_INIT, RunInfo
+from ..config import DEFAULT_KEEP_INIT, MAX_SEED, RunInfo
 from ..data import discover
 from ..deploy.predictor import Predictor, check_folds_agree, cv_fold_dirs
 from ..errors import OptionError, SonocadError
@@ -71,6 +71,8 @@ def adapt(base: str | Path, data, out: str | Path, *, seed: int = 0, folds: int 
     thresholds were chosen."""
     if not 2 <= folds <= 20:
         raise OptionError("folds", f"must be between 2 and 20, not {folds}")
+    if not 0 <= seed <= MAX_SEED:
+        raise OptionError("seed", f"must be between 0 and {MAX_SEED}, not {seed}")
     if not 0.5 <= target_sensitivity < 1:
         raise OptionError("target_sensitivity", f"must be at least 0.5 and under 1, not {target_sensitivity}")
     if not 0 <= keep_init <= 1:
