@@ -138,6 +138,10 @@ def test_mask_head_run_writes_masks_and_dice(tiny_run, phantoms, tmp_path, capsy
     for r in rows[:3]:
         with Image.open(tmp_path / "masks" / r["mask"]) as pic, Image.open(r["path"]) as scan:
             assert pic.size == scan.size and set(np.unique(np.asarray(pic))) <= {0, 255}
+    capsys.readouterr()
+    err = one_line_error(capsys, ["predict", str(tiny_run), str(folder), "--masks", str(tmp_path / "masks"),
+                                  "--heatmaps", str(tmp_path / "masks" / ".")])        # one folder for both
+    assert "is the --heatmaps folder too" in err
     assert main(["evaluate", str(tiny_run), str(phantoms), "--out", str(tmp_path / "ev")]) == 0
     assert "lesion masks (48 images with masks): Dice" in capsys.readouterr().out
     pred = list(csv.DictReader(open(tmp_path / "ev" / "predictions.csv")))

@@ -144,6 +144,9 @@ def predict_paths(run: str | Path, inputs: list[str | Path], skip_bad: bool = Fa
     if masks is not None and not has_mask_head(predictor):
         raise OptionError("masks", f"{run} has no lesion-mask head (trained without masks or with --seg-weight 0, "
                           "or an ONNX file)")
+    if heatmaps is not None and masks is not None and Path(heatmaps).resolve() == Path(masks).resolve():
+        raise OptionError("masks", f"{masks} is the --heatmaps folder too: a scan's mask and its heatmap share a "
+                          "file name; give two folders")
     for name, folder in (("heatmaps", heatmaps), ("masks", masks)):
         if folder is not None:
             refuse_writing_into_runs(folder, [run, list(inputs)], name)
