@@ -69,15 +69,27 @@ def test_evaluation_folder_is_replaced_whole(tiny_run, phantoms, tmp_path, capsy
 
     out = tmp_path / "e"
     assert main(["evaluate", str(tiny_run), str(phantoms), "--out", str(out)]) == 0
-    (out / "stale.txt").write_text("from an earlier evaluation")
+    (out / "plots" / "stale.png").write_text("from an earlier evaluation")
+    (out / "notes.txt").write_text("the user's")
     benign = tmp_path / "benign.csv"
     benign.write_text("path,label\n" + "".join(f"{p},benign\n" for p in (phantoms / "benign").glob("*).png")))
-    assert main(["evaluate", str(tiny_run), str(benign), "--out", str(out)]) == 0
+    argv = ["evaluate", str(tiny_run), str(benign), "--out", str(out)]
+    assert "also holds what sonocad did not write there (e.g. notes.txt)" in _err(capsys, argv)   # never deleted
+    assert (out / "notes.txt").read_text() == "the user's"
+    (out / "notes.txt").unlink()
+    assert main(argv) == 0
     assert "sonocad: warning: " in capsys.readouterr().err
-    assert kind(out) == "evaluate" and not (out / "stale.txt").exists()
+    assert kind(out) == "evaluate" and not (out / "plots" / "stale.png").exists()
     check_finished(out)
     assert json.loads((out / "metrics.json").read_text())["n_per_class"]["malignant"] == 0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".e.")] == []      # no scratch, no lock left
+    import shutil
+
+    run = tmp_path / "run"                        # a run to be replaced with --overwrite, likewise
+    shutil.copytree(tiny_run, run)
+    (run / "notes").mkdir()
+    err = _err(capsys, ["train", str(phantoms), "--out", str(run), "--overwrite", *TINY])
+    assert "also holds what sonocad did not write there (e.g. notes)" in err and (run / "notes").is_dir()
 
 
 def test_unfinished_or_foreign_folders_are_refused(phantoms, tmp_path, capsys):

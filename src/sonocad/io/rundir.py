@@ -25,6 +25,10 @@ from .files import TEMPORARY, atomic_write_text
 
 MARKER = "run.json"                      # written last: the run is finished, and these are its files
 STARTED = Path("checkpoints") / "data.json"   # written first by every training run since run.json exists
+# what sonocad's commands write at the top of a result folder (its marker also lists its files)
+RESULT_ENTRIES = {MARKER, "checkpoints", "config.json", "external", "log.csv", "metrics.json", "model.safetensors",
+                  "oof_predictions.csv", "plots", "predictions.csv", "report.html"}
+FOLD_ENTRY = re.compile(r"(fold|repeat)-\d+")
 
 
 def canonical(path: str | os.PathLike) -> Path:
@@ -321,7 +325,19 @@ def prepare_output(out: Path, allowed_kind: str, option: str = "out", overwrite:
     if st == "finished" and not overwrite and kind(out) != allowed_kind:
         raise OptionError(option, f"{out} holds a finished {kind(out)} result; choose a new folder, or replace "
                           "it with --overwrite")
+    foreign = foreign_entries(out)
+    if foreign:
+        raise OptionError(option, f"{out} also holds what sonocad did not write there (e.g. {foreign[0]}), which "
+                          "replacing its result would delete; move it out, or choose a new folder")
     return scratch_dir(out)
+
+
+def foreign_entries(result: Path) -> list[str]:
+    """The names at the top of a result folder that no sonocad command wrote there (a user's notes, say)."""
+    listed = {Path(name).parts[0] for name in (_marker(result) or {}).get("files", {})}
+    return sorted(n for n in os.listdir(result)
+                  if n not in RESULT_ENTRIES and n not in listed and not FOLD_ENTRY.fullmatch(n)
+                  and not TEMPORARY.fullmatch(n))        # an atomic write's leftover
 
 
 def refuse_writing_into_runs(out: str | os.PathLike, reading: list, option: str) -> None:
