@@ -10,7 +10,7 @@ from PIL import Image
 
 from sonocad.cli.main import main
 from sonocad.data.synth import write_phantom_set
-from sonocad.io.rundir import kind
+from sonocad.io import rundir
 from sonocad.workflows.cv import fold_indices, fold_operating_points
 from sonocad.workflows.evaluate import site_notice
 
@@ -106,7 +106,7 @@ def test_cv_keeps_planted_copies_in_one_fold(planted, tmp_path, capsys):
         argv = ["cv", str(root), "--out", str(out), "--img-size", "48", "--head-epochs", "2", "--finetune-epochs",
                 "1", "--batch-size", "8", "--external", str(ext), "--quiet", *more]
         assert message in one_line_error(capsys, argv)
-    assert kind(out) == "cv" and not (out / "fold-4").exists() and not (out / "repeat-1").exists()
+    assert rundir.kind(out) == "cv" and not (out / "fold-4").exists() and not (out / "repeat-1").exists()
     assert (out / "fold-1" / "model.safetensors").stat().st_mtime_ns == before
     # the cv folder is an ensemble for evaluate and predict: same AUC as the cv's external figure
     assert main(["evaluate", str(out), str(ext), "--out", str(tmp_path / "ens")]) == 0
