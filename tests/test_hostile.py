@@ -221,6 +221,15 @@ def test_synth_never_writes_over_files(tmp_path, capsys):
     assert (data / "scan.png").read_bytes() == before and len(list(data.rglob("*.png"))) == 9
 
 
+def test_adding_files_to_a_result_folder_is_refused(tiny_run, phantoms, capsys):
+    """dedup --out and synth --add add files to a folder; a finished run is not such a folder."""
+    before = sorted(p.name for p in tiny_run.iterdir())
+    for argv in (["dedup", str(phantoms), "--method", "phash", "--quiet", "--out", str(tiny_run)],
+                 ["synth", str(tiny_run), "--n", "4", "--size", "32", "--add"]):
+        assert f"{tiny_run} is a sonocad result folder; write elsewhere" in one_line_error(capsys, argv)
+    assert sorted(p.name for p in tiny_run.iterdir()) == before
+
+
 def test_refused_train_leaves_nothing_behind(phantoms, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -260,9 +260,10 @@ def cmd_dedup(a) -> None:
 
     if a.out:           # before the search, which may take minutes
         from ..io.files import csv_fields, refuse_replacing
-        from ..io.rundir import refuse_writing_into_runs
+        from ..io.rundir import refuse_result_folder, refuse_writing_into_runs
 
         refuse_writing_into_runs(a.out, [a.data], "out")
+        refuse_result_folder(a.out, "out")
         refuse_replacing(Path(a.out) / "duplicates.csv", "out", lambda p: csv_fields(p) == ["path", "group", "label"],
                          "a duplicates.csv written by sonocad dedup")
         refuse_replacing(Path(a.out) / "duplicates.json", "out", _dedup_json, "a duplicates.json written by sonocad "

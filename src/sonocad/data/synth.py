@@ -36,6 +36,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ..errors import SonocadError
+from ..io.rundir import refuse_result_folder
 
 CLASSES = ("benign", "malignant", "normal")
 MIN_SIZE = 32
@@ -279,6 +280,7 @@ def write_phantom_set(
     per_class = {c: base + (i < extra) for i, c in enumerate(classes)}
     jobs = [(c, i) for c, count in per_class.items() for i in range(1, count + 1)]
     written = 0
+    refuse_result_folder(out)
     try:
         if out.is_dir() and any(out.iterdir()) and not add:
             raise SonocadError(f"{out} already holds files; choose an empty or new folder, or add phantoms beside "

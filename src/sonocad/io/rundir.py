@@ -340,6 +340,15 @@ def foreign_entries(result: Path) -> list[str]:
                   and not TEMPORARY.fullmatch(n))        # an atomic write's leftover
 
 
+def refuse_result_folder(out: str | os.PathLike, option: str | None = None) -> None:
+    """Refuse an output folder that is itself a sonocad result (a run, an evaluation, a cv): a command that
+    only adds files to a folder (dedup, synth --add) must not change a finished result. `option`: the
+    option that named it (None: a positional argument)."""
+    if state(out) in ("finished", "unfinished"):
+        message = f"{out} is a sonocad result folder; write elsewhere"
+        raise OptionError(option, message) if option else SonocadError(message)
+
+
 def refuse_writing_into_runs(out: str | os.PathLike, reading: list, option: str) -> None:
     """Refuse an output path (a file, or a folder a command fills) that is, or lies inside, what the command
     reads (a run, a data folder or manifest, an image; lists of them, None for none), or inside any other
