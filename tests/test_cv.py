@@ -11,7 +11,8 @@ from PIL import Image
 from sonocad.cli.main import main
 from sonocad.data.synth import write_phantom_set
 from sonocad.io import rundir
-from sonocad.workflows.cv import fold_indices, fold_operating_points
+from sonocad.evaluation.operating import fold_operating_points
+from sonocad.workflows.cv import fold_indices
 from sonocad.workflows.evaluate import site_notice
 
 

@@ -221,6 +221,19 @@ def test_synth_never_writes_over_files(tmp_path, capsys):
     assert (data / "scan.png").read_bytes() == before and len(list(data.rglob("*.png"))) == 9
 
 
+def test_one_image_is_never_counted_twice(tiny_run, phantoms, tmp_path, capsys):
+    """Training data as their own test set, an external site that is the training data, or one folder given twice
+    to evaluate: refused before any work."""
+    for argv, words in ((["train", str(phantoms), "--test", str(phantoms), "--out", str(tmp_path / "t")],
+                         "--test: "), (["cv", str(phantoms), "--external", str(phantoms / "benign" / ".."), "--out",
+                                        str(tmp_path / "c"), "--no-dedup"], "--external: "),
+                        (["evaluate", str(tiny_run), str(phantoms), str(phantoms), "--out", str(tmp_path / "e")],
+                         "48 image(s) already in")):
+        err = one_line_error(capsys, argv)
+        assert words in err and ("with the" in err or "give each image once" in err), err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_adding_files_to_a_result_folder_is_refused(tiny_run, phantoms, capsys):
     """dedup --out and synth --add add files to a folder; a finished run is not such a folder."""
     before = sorted(p.name for p in tiny_run.iterdir())

@@ -73,12 +73,23 @@ def discover(data: str | Path | list, classes: list[str] | None = None, *,
         if len(data) == 1:
             return discover(data[0], classes, allow_missing_classes=allow_missing_classes, frames=frames)
         out: list[Sample] = []
-        for d in data:
+        for i, d in enumerate(data):
             site = Path(d).name if Path(d).is_dir() else Path(d).stem
-            out += [s if s.site else replace(s, site=site)
-                    for s in discover(d, classes, allow_missing_classes=allow_missing_classes, frames=frames)]
+            found = [s if s.site else replace(s, site=site)
+                     for s in discover(d, classes, allow_missing_classes=allow_missing_classes, frames=frames)]
+            twice = shared_images(out, found)
+            if twice:    # one scan counted twice: on both sides of a split, or twice in a test's figures
+                raise SonocadError(f"{d}: {len(twice)} image(s) already in {', '.join(map(str, data[:i]))} "
+                                   f"(e.g. {twice[0]}); give each image once")
+            out += found
         return out
     return expand_frames(_discover_one(data, classes, allow_missing_classes), frames)
+
+
+def shared_images(a: list[Sample], b: list[Sample]) -> list[str]:
+    """The images (files, or frames of one) that both lists of samples hold, by their resolved paths."""
+    seen = {str(Path(s.path).resolve()) for s in a}
+    return [s.path for s in b if str(Path(s.path).resolve()) in seen]
 
 
 def expand_frames(samples: list[Sample], frames: str) -> list[Sample]:

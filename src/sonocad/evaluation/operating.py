@@ -171,3 +171,20 @@ def choose_operating_points(info, y, prob, data: str, target_sensitivity: float 
     if line:
         warnings.warn(line, SonocadWarning, stacklevel=2)
     return figures
+
+
+def fold_operating_points(y: np.ndarray, prob: np.ndarray, thresholds: list[dict]) -> dict:
+    """Pooled out-of-fold sensitivity/specificity (Wilson CIs) where every sample is called positive or
+    not at its own fold's operating point, chosen on that fold's validation data: what each fold model
+    would have said, at the threshold it would have shipped with."""
+    names = sorted(set.intersection(*(set(t) for t in thresholds))) if thresholds else []
+    out = {}
+    for name in names:
+        t = np.asarray([th[name] for th in thresholds], float)
+        if not np.isfinite(t).all():
+            continue
+        m = binary_metrics(y == 1, (prob >= t).astype(float), threshold=0.5, ci=None)
+        out[name] = {k: m[k] for k in ("sensitivity", "sensitivity_ci", "specificity", "specificity_ci",
+                                       "ppv", "npv", "balanced_accuracy", "confusion_matrix")}
+        out[name]["fold_thresholds"] = sorted({float(v) for v in t})
+    return out

@@ -18,11 +18,11 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from ..config import RunInfo, TrainConfig
 from ..data import discover
+from ..data.discover import shared_images
 from ..data.split import group_ids
 from ..deploy.predictor import predict_images
 from ..errors import OptionError, SonocadError
-from ..evaluation.metrics import binary_metrics
-from ..evaluation.operating import choose_operating_points, promise_check
+from ..evaluation.operating import choose_operating_points, fold_operating_points, promise_check
 from ..evaluation.reader import reader_column, reader_scores, score_reader
 from ..evaluation.report import html_table
 from ..evaluation.results import read_predictions, score_predictions, write_evaluation
@@ -112,6 +112,10 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
     ext = None
     if external:
         ext_samples = discover(external, classes, allow_missing_classes=True, frames=cfg.frames)
+        shared = shared_images(task.samples, ext_samples)
+        if shared:
+            raise OptionError("external", f"{external} shares {len(shared)} image(s) with the cross-validated data "
+                              f"(e.g. {shared[0]}): an external site holds other scans")
         ext, bad_ext = decode_split(ext_samples, classes, cfg, img_size, "external")
         bad += bad_ext
 
@@ -126,7 +130,7 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
         seed = cfg.seed + 1000 * r
         fold_of[r] = fold_indices(full.y, groups, sites, folds, seed)
         for k in range(folds):
-            fold_dir = out / (f"repeat-{r + 1}/" if repeats > 1 else "") / f"fold-{k + 1}"
+            fold_dir = out / fold_name(r, k, repeats)
             held = np.flatnonzero(fold_of[r] == k)
             rest = np.flatnonzero(fold_of[r] != k)
             ext_csv = fold_dir / "external" / "predictions.csv"
@@ -144,7 +148,7 @@ def _cross_validate(data, out: Path, cfg: TrainConfig, folds: int, repeats: int,
     run_folds(jobs, workers, progress)
     for r in range(repeats):
         for k in range(folds):
-            fold_dir = out / (f"repeat-{r + 1}/" if repeats > 1 else "") / f"fold-{k + 1}"
+            fold_dir = out / fold_name(r, k, repeats)
             held = np.flatnonzero(fold_of[r] == k)
             test = full.take(held)
             ext_csv = fold_dir / "external" / "predictions.csv"
@@ -312,31 +316,17 @@ def _check_reused_fold(fold_dir: Path, fold_cfg: TrainConfig, held_out: list[str
 def _refuse_other_folds(out: Path, folds: int, repeats: int) -> None:
     """Refuse, before anything is written, a folder holding folds that this cross-validation would not write
     (another number of folds or repeats): left beside the new ones, an ensemble would load them too."""
-    expected = {f"repeat-{r + 1}/fold-{k + 1}" if repeats > 1 else f"fold-{k + 1}"
-                for r in range(repeats) for k in range(folds)}
     found = {str(p.relative_to(out)) for p in [*out.glob("fold-*"), *out.glob("repeat-*/fold-*")] if p.is_dir()}
-    other = sorted(found - expected)
+    other = sorted(found - {fold_name(r, k, repeats) for r in range(repeats) for k in range(folds)})
     if other:
         raise SonocadError(f"{out} holds folds of another cross-validation ({', '.join(other[:3])}"
                            f"{', ...' if len(other) > 3 else ''}; this one has {folds} folds"
                            f"{f' x {repeats} repeats' if repeats > 1 else ''}); use a new --out folder")
 
 
-def fold_operating_points(y: np.ndarray, prob: np.ndarray, thresholds: list[dict]) -> dict:
-    """Pooled out-of-fold sensitivity/specificity (Wilson CIs) where every sample is called positive or
-    not at its own fold's operating point, chosen on that fold's validation data: what each fold model
-    would have said, at the threshold it would have shipped with."""
-    names = sorted(set.intersection(*(set(t) for t in thresholds))) if thresholds else []
-    out = {}
-    for name in names:
-        t = np.asarray([th[name] for th in thresholds], float)
-        if not np.isfinite(t).all():
-            continue
-        m = binary_metrics(y == 1, (prob >= t).astype(float), threshold=0.5, ci=None)
-        out[name] = {k: m[k] for k in ("sensitivity", "sensitivity_ci", "specificity", "specificity_ci",
-                                       "ppv", "npv", "balanced_accuracy", "confusion_matrix")}
-        out[name]["fold_thresholds"] = sorted({float(v) for v in t})
-    return out
+def fold_name(r: int, k: int, repeats: int) -> str:
+    """The folder of repeat r's fold k (both from 0) in a cv folder."""
+    return f"repeat-{r + 1}/fold-{k + 1}" if repeats > 1 else f"fold-{k + 1}"
 
 
 def _fold_section(per_fold: list[dict], metrics: dict, external: bool) -> str:

@@ -16,6 +16,7 @@ from ..analysis.explain import explanation_metrics, gallery_section
 from ..analysis.segment import segmentation_report
 from ..config import RunInfo, TrainConfig
 from ..data import discover
+from ..data.discover import shared_images
 from ..deploy.predictor import Predictor, predict_images
 from ..errors import OptionError, SonocadError
 from ..evaluation.metrics import fit_temperature
@@ -175,6 +176,10 @@ def _fit(data, out: Path, cfg: TrainConfig, test_data, progress: bool, resume: b
     t0 = time.perf_counter()
     task = find_task(data, cfg)
     test_samples = discover(test_data, task.classes, frames=cfg.frames) if test_data else []
+    shared = shared_images(task.samples, test_samples)
+    if shared:
+        raise OptionError("test", f"{test_data} shares {len(shared)} image(s) with the training data (e.g. "
+                          f"{shared[0]}): a test on training images says nothing about new scans")
     record = data_record(task.samples, test_samples)
     if resume:
         check_same_data(out / "checkpoints" / "data.json", record)
