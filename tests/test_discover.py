@@ -81,6 +81,8 @@ def test_manifest_relative_paths_groups_masks(tmp_path):
     ("path,label\nimg/nothere.png,benign\n", r"m.csv:2: image .*nothere.png does not exist"),
     ("path,label\nimg/a.png,\n", r"m.csv:2: row needs a path and a label"),
     ("path,label,mask\nimg/a.png,benign,nomask.png\n", r"mask .*nomask.png does not exist"),
+    ("path,label,Label\nimg/a.png,benign,malignant\n", "column 'label' appears more than once"),
+    ('path,label\n"img/a\nb.png",benign\n', r"m.csv:2: image .*a\\nb.png does not exist"),   # not img/ab.png
 ])
 def test_bad_manifests(tmp_path, text, match):
     _png(tmp_path / "img" / "a.png")
@@ -108,6 +110,18 @@ def test_real_busi_layout():
     # extra masks: 16 benign images and 1 malignant image, 18 extra mask files ("benign (195)" has two)
     assert sum(len(s.masks) > 1 for s in samples) == 17
     assert sum(len(s.masks) - 1 for s in samples) == 18
+
+
+@pytest.mark.parametrize("row,match", [
+    (b"bus_0001-l\n", r"bus_data.csv:3: row needs an ID, a Case and a Pathology"),
+    (b"bus_0001-l,1,b\xe9nign,4\n", "bus_data.csv: not a UTF-8 text CSV file"),
+    (b"bus_0001-l,1,malignant,4\n", r"bus_data.csv:3: image bus_0001-l is listed twice \(rows 2 and 3\)"),
+])
+def test_bad_busbra_tables(tmp_path, row, match):
+    _png(tmp_path / "Images" / "bus_0001-l.png")
+    (tmp_path / "bus_data.csv").write_bytes(b"ID,Case,Pathology,BIRADS\nbus_0001-l,1,benign,3\n" + row)
+    with pytest.raises(SonocadError, match=match):
+        discover(tmp_path, ["benign", "malignant"])
 
 
 def test_real_busbra_layout_groups_patients():

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import errno
 import re
 import stat
@@ -192,11 +193,15 @@ def read_manifest(path: Path) -> list[Sample]:
     except OSError as e:
         raise SonocadError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        reader = csv.DictReader(text.splitlines())
+        reader = csv.DictReader(io.StringIO(text, newline=""))      # a quoted field may hold a line break
         header = [h.strip().lower() for h in (reader.fieldnames or [])]
         rows = list(reader)
     except csv.Error as e:
         raise SonocadError(f"{path}: malformed CSV ({e})") from None
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice:      # which of two label columns holds the labels is a guess sonocad does not make
+        raise SonocadError(f"{path}: column {twice[0]!r} appears more than once in the header (names are "
+                           "compared without case)")
     missing = {"path", "label"} - set(header)
     if missing:
         raise SonocadError(f"{path}: manifest needs columns path,label (missing: {', '.join(sorted(missing))})")
@@ -236,21 +241,35 @@ def read_manifest(path: Path) -> list[Sample]:
 def read_busbra(root: Path) -> list[Sample]:
     """The BUS-BRA release: bus_data.csv (ID, Case, Pathology), Images/ID.png, Masks/mask_XXXX-s.png.
     The patient (Case) becomes the group, so both views of one patient stay on one side of a split."""
-    samples = []
-    with open(root / BUSBRA_CSV, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        need = {"ID", "Case", "Pathology"}
-        if not need <= set(reader.fieldnames or []):
-            raise SonocadError(f"{root / BUSBRA_CSV}: expected BUS-BRA columns ID, Case, Pathology")
-        for i, row in enumerate(reader, start=2):
-            img = root / "Images" / f"{row['ID']}.png"
-            why = not_a_file(img)
-            if why:
-                raise SonocadError(f"{root / BUSBRA_CSV}:{i}: image {img} {why}")
-            mask = root / "Masks" / f"{row['ID'].replace('bus_', 'mask_', 1)}.png"
-            samples.append(Sample(str(img), row["Pathology"].strip().lower(), f"busbra-{row['Case']}",
-                                  (str(mask),) if mask.is_file() else (), "busbra",
-                                  (("birads", (row.get("BIRADS") or "").strip()),)))
+    samples, first_row = [], {}
+    table = root / BUSBRA_CSV
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+    except UnicodeDecodeError:
+        raise SonocadError(f"{table}: not a UTF-8 text CSV file") from None
+    except csv.Error as e:
+        raise SonocadError(f"{table}: malformed CSV ({e})") from None
+    except OSError as e:
+        raise SonocadError(f"{table}: cannot read ({e.strerror})") from None
+    if not {"ID", "Case", "Pathology"} <= set(reader.fieldnames or []):
+        raise SonocadError(f"{table}: expected BUS-BRA columns ID, Case, Pathology")
+    for i, row in enumerate(rows, start=2):
+        if not all(isinstance(row.get(k), str) and row[k].strip() for k in ("ID", "Case", "Pathology")):
+            raise SonocadError(f"{table}:{i}: row needs an ID, a Case and a Pathology")
+        if row["ID"] in first_row:
+            raise SonocadError(f"{table}:{i}: image {row['ID']} is listed twice (rows {first_row[row['ID']]} and "
+                               f"{i})")
+        first_row[row["ID"]] = i
+        img = root / "Images" / f"{row['ID']}.png"
+        why = not_a_file(img)
+        if why:
+            raise SonocadError(f"{table}:{i}: image {img} {why}")
+        mask = root / "Masks" / f"{row['ID'].replace('bus_', 'mask_', 1)}.png"
+        samples.append(Sample(str(img), row["Pathology"].strip().lower(), f"busbra-{row['Case']}",
+                              (str(mask),) if mask.is_file() else (), "busbra",
+                              (("birads", (row.get("BIRADS") or "").strip()),)))
     return samples
 
 
