@@ -277,6 +277,12 @@ def test_damaged_feature_cache_on_resume(interrupted, capsys):
 
 # --- 5-7: wrong results without an error --------------------------------------------------------------------
 
+def test_diverging_training_stops_in_one_line(phantoms, tmp_path, capsys):
+    err = _err(capsys, ["train", str(phantoms), "--out", str(tmp_path / "r"), *TINY, "--unfreeze", "0",
+                        "--optimizer", "sgd", "--head-lr", "1e6"])
+    assert "training diverged in the head phase" in err and "--head-lr" in err
+
+
 def test_batch_size_one_trains(phantoms, tmp_path):
     import csv
 

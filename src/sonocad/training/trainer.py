@@ -375,6 +375,9 @@ class Trainer:
         return self._loss(logits, y) + self.cfg.seg_weight * mask_loss(mask_logits, masks, known)
 
     def _end_epoch(self, losses, val_logits, lr, t0, bar, opt, sched, scored: nn.Module | None = None) -> None:
+        if not (np.isfinite(val_logits).all() and np.isfinite(losses).all()):      # phase: head or finetune
+            raise SonocadError(f"training diverged in the {self.phase} phase (the loss is no longer a finite "
+                               f"number); lower its learning rate, --{self.phase}-lr")
         # every rank validates the same weights on the same images; rank 0's figures decide, so all agree
         scores = dist.broadcast(_val_scores(val_logits, self.val.y, self.loss_fn, self.n_classes))
         # with weight averaging phase 2 runs its full schedule and keeps the final average: picking an
