@@ -68,3 +68,24 @@ def test_export_bad_input(exported, tiny_run, phantoms, tmp_path, capsys):
                  ["adapt", str(fp32), str(phantoms), "--out", str(tmp_path / "a")]):
         assert "m.onnx: an ONNX file holds the model for predict, evaluate and serve only" in one_line_error(capsys,
                                                                                                             argv)
+
+
+def test_edited_onnx_metadata_is_refused(exported, tmp_path):
+    """An input size or a threshold in the metadata that the model cannot have had: refused on loading, never a
+    runtime error or every scan called benign."""
+    import onnx
+
+    from sonocad.deploy.export import METADATA_KEY, load_onnx
+    from sonocad.errors import SonocadError
+
+    for edit, words in ((lambda d: d.update(img_size=d["img_size"] + 32), "px images, its sonocad_run metadata says"),
+                        (lambda d: d["thresholds"].update(default=float("nan")), "thresholds: probabilities"),
+                        (lambda d: d["thresholds"].update(youden=2.0), "thresholds: probabilities")):
+        model = onnx.load(str(exported[0]))
+        prop = next(p for p in model.metadata_props if p.key == METADATA_KEY)
+        info = json.loads(prop.value)
+        edit(info)
+        prop.value = json.dumps(info)
+        onnx.save(model, str(tmp_path / "edited.onnx"))
+        with pytest.raises(SonocadError, match=words):
+            load_onnx(tmp_path / "edited.onnx")

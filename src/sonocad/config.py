@@ -318,6 +318,9 @@ class RunInfo:
         if not (isinstance(self.thresholds, dict) and all(
                 t is None or (isinstance(t, (int, float)) and not isinstance(t, bool)) for t in self.thresholds.values())):
             return f"thresholds: need numbers, not {self.thresholds!r}"      # None / NaN: no such point
+        if any(t is not None and math.isfinite(t) and not 0 <= t <= 1 for t in self.thresholds.values()) or (
+                "default" in self.thresholds and not math.isfinite(self.thresholds["default"] or math.nan)):
+            return f"thresholds: probabilities between 0 and 1 (the default one given), not {self.thresholds!r}"
         if not (isinstance(self.operating_points, dict)
                 and all(isinstance(v, (dict, str)) for v in self.operating_points.values())):
             return "operating_points: need a table of figures per operating point"

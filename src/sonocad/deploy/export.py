@@ -173,5 +173,9 @@ def load_onnx(path: str | Path) -> Predictor:
         raise SonocadError(f"{path}: an ONNX file sonocad did not export (no {METADATA_KEY} metadata)")
     info = RunInfo.loads(props[METADATA_KEY].encode(), path)
     model = OnnxModel(path, info.classes, info.temperature)
+    shape = model.session.get_inputs()[0].shape           # [batch, channels, height, width]
+    if [d for d in shape[2:] if isinstance(d, int)] not in ([], [info.img_size] * 2):
+        raise SonocadError(f"{path}: the model takes {shape[2]} x {shape[3]} px images, its {METADATA_KEY} "
+                           f"metadata says {info.img_size}: an edited file, not one sonocad export wrote")
     # ONNX Runtime runs on the CPU here (CPUExecutionProvider): its inputs are prepared there, also on a GPU machine
     return Predictor(info, [(model, InputPipeline(info.mean, info.std, resolve_precision("fp32", "cpu")))])
