@@ -152,6 +152,10 @@ def test_compare_two_runs(tiny_run, phantoms, tmp_path, capsys):
     assert r["p_value"] == pytest.approx(want["p_value"]) and r["auc_a"] == pytest.approx(want["auc_a"])
     assert main(["compare", str(tiny_run), str(other), str(phantoms)]) == 0
     assert f"p={want['p_value']:.4f}" in capsys.readouterr().out
+    benign = tmp_path / "benign.csv"
+    benign.write_text("path,label\n" + "".join(f"{p},benign\n" for p in (phantoms / "benign").glob("*).png")))
+    assert "compare needs images of both classes" in one_line_error(capsys, ["compare", str(tiny_run), str(other),
+                                                                           str(benign)])
     # the same weights with the classes the other way round: a different task, refused
     flipped = tmp_path / "flipped"
     shutil.copytree(other, flipped)

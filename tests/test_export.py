@@ -41,6 +41,8 @@ def test_predict_and_evaluate_with_the_onnx_engine(exported, tiny_run, phantoms,
     fp32, _ = exported
     capsys.readouterr()
     assert main(["predict", str(fp32), str(phantoms / "benign"), "--csv", str(tmp_path / "o.csv")]) == 0
+    # the site notice names the command that adapts it, with the run the file came from (adapt refuses the file)
+    assert "sonocad adapt RUN LOCAL_SCANS --out NEW_RUN" in capsys.readouterr().err
     assert main(["predict", str(tiny_run), str(phantoms / "benign"), "--precision", "fp32", "--csv",
                  str(tmp_path / "t.csv")]) == 0
     import csv

@@ -263,9 +263,10 @@ class RunInfo:
         if not self.binary or self.data.get("calibrated_from") or self.data.get("adapted_from"):
             return None
         chosen = (self.operating_points or {}).get("chosen_on") or "validation data of the training run"
+        base = "RUN" if run.endswith(".onnx") else run          # adapt needs the run an ONNX file came from
         return (f"the thresholds of {run} were chosen on {chosen} at the site it was trained on and may not hold "
-                f"at another hospital: sonocad adapt {run} LOCAL_SCANS --out NEW_RUN chooses them on that "
-                "hospital's own labelled scans")
+                f"at another hospital: sonocad adapt {base} LOCAL_SCANS --out NEW_RUN chooses them on that "
+                "hospital's own labelled scans" + (" (RUN: the run it was exported from)" if base != run else ""))
 
     def save(self, path: Path) -> None:
         from .io.files import atomic_write_text

@@ -173,6 +173,8 @@ def cmd_predict(a) -> None:
         errors = [r for r in rows if "error" in r]
         rows = [r for r in rows if "error" not in r]
         warn_bad([r["error"] for r in errors])
+        if errors and not rows:
+            raise SonocadError(f"none of the {len(errors)} image(s) could be read (first: {errors[0]['error']})")
         fields = list(rows[0]) if rows else ["path", "predicted"]
         if a.csv:
             import io

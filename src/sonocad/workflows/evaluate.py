@@ -191,6 +191,9 @@ def compare_runs(run_a: str | Path, run_b: str | Path, data, skip_bad: bool = Fa
     if paths_a != paths_b or not np.array_equal(y_a, y_b):
         raise SonocadError(f"{run_a} and {run_b} see different images or classes in {data}; "
                            "compare needs the same binary task")
+    if len(np.unique(y_a)) < 2:
+        raise SonocadError(f"{data}: compare needs images of both classes (an AUC needs them); found "
+                           f"{len(y_a)} of one")
     result = delong_test(y_a, probs[0], probs[1])
     return {"run_a": str(run_a), "run_b": str(run_b), "data": str(data), "n": int(len(y_a)), **result}
 
