@@ -119,7 +119,9 @@ def _discover_one(data, classes, allow_missing_classes: bool) -> list[Sample]:
     elif (data / BUSBRA_CSV).is_file() and (data / "Images").is_dir():
         samples = read_busbra(data)
     else:
-        samples = scan_class_folders(data, classes)
+        samples = scan_class_folders(data, classes)      # the folders of other classes are not read
+        has = sorted(p.name for p in data.iterdir() if p.is_dir() and not _is_hidden(p))
+        return select_classes(samples, classes, str(data), allow_missing=allow_missing_classes, has=has)
     return select_classes(samples, classes, str(data), allow_missing=allow_missing_classes)
 
 
@@ -274,15 +276,16 @@ def read_busbra(root: Path) -> list[Sample]:
 
 
 def select_classes(samples: list[Sample], classes: list[str] | None, where: str,
-                   allow_missing: bool = False) -> list[Sample]:
-    """Keep the samples of `classes` (all found classes, sorted, when None); check each class is present."""
+                   allow_missing: bool = False, has: list[str] | None = None) -> list[Sample]:
+    """Keep the samples of `classes` (all found classes, sorted, when None); check each class is present.
+    `has`: the classes `where` holds, for the message (default: those of `samples`)."""
     found = Counter(s.label for s in samples)
     if classes is None:
         classes = sorted(found)
     unknown = [c for c in classes if c not in found]
     if unknown and not allow_missing:
         raise OptionError("classes", f"{', '.join(unknown)} not found in {where} "
-                          f"(it has: {', '.join(sorted(found)) or 'no classes'})")
+                          f"(it has: {', '.join(has if has is not None else sorted(found)) or 'no classes'})")
     kept = [s for s in samples if s.label in classes]
     if not kept:
         raise SonocadError(f"{where}: no images of classes {', '.join(classes)}")
