@@ -176,6 +176,9 @@ def test_predict_csv_never_replaces_an_image_or_a_foreign_file(tiny_run, phantom
     notes.write_text("my notes, not predictions\n")
     assert "is not a predictions CSV" in one_line_error(capsys, ["predict", str(tiny_run), str(scan2), "--csv",
                                                                  str(notes)])
+    for target in ("-", f"{tmp_path}/new/", str(typo)):         # standard output, or a folder: not file names
+        assert "is not a file name" in one_line_error(capsys, ["predict", str(tiny_run), str(scan2), "--csv", target])
+    assert not (tmp_path / "new").exists() and not (tmp_path / "-").exists()
     assert scan1.read_bytes() == before == disguised.read_bytes()
     assert notes.read_text() == "my notes, not predictions\n"
     out = tmp_path / "p.csv"

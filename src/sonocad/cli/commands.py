@@ -140,6 +140,8 @@ def _check_csv_target(a) -> None:
     from ..io.rundir import refuse_writing_into_runs
 
     csv_path = Path(a.csv)
+    if a.csv == "-" or a.csv.endswith(("/", os.sep)) or csv_path.is_dir():
+        raise OptionError("csv", f"{a.csv!r} is not a file name (without --csv the table goes to standard output)")
     if csv_path.suffix.lower() in IMAGE_SUFFIXES:
         raise OptionError("csv", f"{a.csv} is named like an image; a CSV file's name ends in .csv (is an image "
                           "listed after --csv by mistake?)")
