@@ -131,3 +131,5 @@ def test_summary_prints_parameters(capsys):
     assert main(["summary", "--model", "tf_efficientnet_lite0", "--batch-size", "8"]) == 0
     out = capsys.readouterr().out
     assert f"parameters {total:,}" in out and f"trainable {head:,}" in out and f"trainable {top2:,}" in out
+    for option, value in (("--batch-size", "0"), ("--batch-size", "-1"), ("--img-size", "5000")):   # as train's
+        assert f"{option}: must be between" in _err(capsys, ["summary", option, value])

@@ -59,6 +59,10 @@ def test_bad_reader_column_is_one_line(tiny_run, phantoms, tmp_path, capsys):
                                   "--reader-score", "birads"])
     assert "'high', not a number or a BI-RADS category" in err
     assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+    for value in ("nan", "inf"):
+        assert f"--reader-threshold: must be a number, not {value}" in one_line_error(
+            capsys, ["evaluate", str(tiny_run), str(tmp_path / "m.csv"), "--out", str(tmp_path / "c"),
+                     "--reader-threshold", value])
 
 
 def test_busbra_birads_is_used_by_itself():

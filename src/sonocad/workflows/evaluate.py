@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def evaluate_run(run: str | Path, data, out: str | Path, skip_bad: bool = False,
     `shortcut=True` adds the shortcut check (overlays removed, lesion masked out) on images with masks.
     `reader_score`: a manifest column of the readers' scores (BI-RADS), compared with the model on the same
     images (sonocad.evaluation.reader; BUS-BRA's BI-RADS by default where the data carry it, "none" to leave it out)."""
+    if not math.isfinite(reader_threshold):
+        raise OptionError("reader_threshold", f"must be a number, not {reader_threshold}")
     refuse_writing_into_runs(out, [run, data], "out")
     with RunLock(out) as lock:
         out = lock.run
