@@ -237,9 +237,12 @@ def test_one_image_is_never_counted_twice(tiny_run, phantoms, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_adding_files_to_a_result_folder_is_refused(tiny_run, phantoms, capsys):
+def test_adding_files_to_a_result_folder_is_refused(tiny_run, phantoms, tmp_path, capsys):
     """dedup --out and synth --add add files to a folder; a finished run is not such a folder."""
     before = sorted(p.name for p in tiny_run.iterdir())
+    (tmp_path / "notes.txt").write_text("mine")
+    assert "is a file, not a folder" in one_line_error(capsys, ["dedup", str(phantoms), "--out",
+                                                                str(tmp_path / "notes.txt")])
     for argv in (["dedup", str(phantoms), "--method", "phash", "--quiet", "--out", str(tiny_run)],
                  ["synth", str(tiny_run), "--n", "4", "--size", "32", "--add"]):
         assert f"{tiny_run} is a sonocad result folder; write elsewhere" in one_line_error(capsys, argv)

@@ -268,6 +268,8 @@ def cmd_dedup(a) -> None:
 
         refuse_writing_into_runs(a.out, [a.data], "out")
         refuse_result_folder(a.out, "out")
+        if Path(a.out).exists() and not Path(a.out).is_dir():
+            raise OptionError("out", f"{a.out} is a file, not a folder")
         refuse_replacing(Path(a.out) / "duplicates.csv", "out", lambda p: csv_fields(p) == ["path", "group", "label"],
                          "a duplicates.csv written by sonocad dedup")
         refuse_replacing(Path(a.out) / "duplicates.json", "out", _dedup_json, "a duplicates.json written by sonocad "
