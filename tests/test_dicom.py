@@ -152,6 +152,18 @@ def test_multi_frame_chosen_or_every_frame(tmp_path):
     assert all(s.path.endswith("#frame=1") for s in middle.full.samples)
 
 
+def test_a_frame_count_the_file_cannot_hold_is_refused(tmp_path):
+    from sonocad.data.dicom import frame_refs
+
+    loop = write_dicom(tmp_path / "loop.dcm", [_img(k, (40, 50)) for k in range(3)])
+    assert len(frame_refs(str(loop), "all")) == 3
+    ds = pydicom.dcmread(loop)
+    ds.NumberOfFrames = 1_000_000                     # a few kilobytes claiming a million frames
+    ds.save_as(tmp_path / "claims.dcm")
+    with pytest.raises(SonocadError, match=r"claims.dcm: its header says 1000000 frames, more than its \d+ bytes"):
+        frame_refs(str(tmp_path / "claims.dcm"), "all")
+
+
 def test_bad_dicom_is_one_line(tmp_path, capsys):
     img = _img(3)
     good = write_dicom(tmp_path / "good.dcm", [img])

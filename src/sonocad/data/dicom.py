@@ -98,12 +98,23 @@ def _dataset(path, header_only: bool = False, name: str | None = None):
 
 
 def n_frames(path: str) -> int:
-    """Frames in a DICOM file (1 for a single image)."""
+    """Frames in a DICOM file (1 for a single image); a header claiming more frames than the file's bytes can
+    hold is refused, before a million frame references are made of a few kilobytes."""
     ds = _dataset(path, header_only=True)
     try:
-        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+        n = max(1, int(ds.get("NumberOfFrames", 1) or 1))
     except (TypeError, ValueError):
         return 1
+    uid = ds.file_meta.get("TransferSyntaxUID", None) if hasattr(ds, "file_meta") else None
+    try:            # uncompressed: every frame's pixels; encapsulated: at least one 8-byte fragment item each
+        per_frame = 8 if uid is not None and uid.is_compressed else (
+            int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * max(1, -(-int(ds.BitsAllocated) // 8)))
+    except (AttributeError, TypeError, ValueError):
+        per_frame = 1
+    size = os.path.getsize(path)
+    if n * per_frame > size:
+        raise SonocadError(f"{path}: its header says {n} frames, more than its {size} bytes can hold")
+    return n
 
 
 def _pixels(ds, path: str, frame: int) -> np.ndarray:
