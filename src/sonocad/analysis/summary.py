@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..errors import OptionError
 from ..models.classifier import create_model, input_config, set_trainable
 
 
@@ -29,9 +28,8 @@ def activation_elements(model: nn.Module, img_size: int) -> int:
 def model_summary(name: str, batch_size: int = 32, img_size: int | None = None, unfreeze: str = "2",
                   num_outputs: int = 1, hidden: int = 256) -> dict:
     """Trainable/frozen parameters in phase 1 and phase 2 and an estimate of memory per phase (bytes)."""
-    if str(unfreeze) != "all" and not str(unfreeze).isdigit():
-        raise OptionError("unfreeze", f"must be a number of blocks or 'all', not {unfreeze!r}")
-    TrainConfig(model=name, batch_size=batch_size, img_size=img_size, unfreeze=str(unfreeze)).validate()  # ranges
+    # the options train has, checked as train checks them
+    TrainConfig(model=name, batch_size=batch_size, img_size=img_size, unfreeze=str(unfreeze)).validate()
     size, _, _ = input_config(name, img_size)
     model = create_model(name, num_outputs, pretrained=False, hidden=hidden)
     acts = activation_elements(model, size)

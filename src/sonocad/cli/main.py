@@ -61,8 +61,11 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
-RUN_HELP = "a run directory, a cv folder (its fold models as one ensemble) or a shipped model (bus-base)"
-RUN_OR_ONNX_HELP = RUN_HELP[:-len(" or a shipped model (bus-base)")] + ", a shipped model (bus-base) or an .onnx file"
+_RUNS = "a run directory, a cv folder (its fold models as one ensemble)"
+RUN_HELP = f"{_RUNS} or a shipped model (bus-base)"
+RUN_OR_ONNX_HELP = f"{_RUNS}, a shipped model (bus-base) or an .onnx file"
+INPUTS_HELP = ("image files (PNG, JPEG, BMP, TIFF or DICOM) or folders of them, searched recursively (lesion masks "
+               "and hidden files left out)")
 
 
 def _train_args(p: argparse.ArgumentParser, verb: str) -> None:
@@ -153,8 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="class probabilities for images or folders of images")
     p.add_argument("run", help=RUN_OR_ONNX_HELP)
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files (PNG, JPEG, BMP, TIFF or DICOM) "
-                   "or folders of them, searched recursively (lesion masks and hidden files left out)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help=INPUTS_HELP)
     p.add_argument("--csv", help="write the predictions to this CSV instead of standard output")
     p.add_argument("--heatmaps", metavar="DIR", help="also write a Grad-CAM picture of each image into DIR")
     p.add_argument("--masks", metavar="DIR", help="also write each image's predicted lesion mask (PNG, the scan's "
@@ -195,8 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="where the model looked: a Grad-CAM picture of each scan")
     p.add_argument("run", help=RUN_HELP)
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files (PNG, JPEG, BMP, TIFF or DICOM) "
-                   "or folders of them, searched recursively (lesion masks and hidden files left out)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help=INPUTS_HELP)
     p.add_argument("--out", required=True, help="folder for the pictures and explanations.csv")
     p.add_argument("--target", default="default", help="class explained: binary runs the positive class (default) "
                    "or 'other' or a class name; multi-class runs each image's predicted class (default) or a name")

@@ -120,17 +120,22 @@ def _discover_one(data, classes, allow_missing_classes: bool) -> list[Sample]:
         samples = read_busbra(data)
     else:
         samples = scan_class_folders(data, classes)      # the folders of other classes are not read
-        has = sorted(p.name for p in data.iterdir() if p.is_dir() and not _is_hidden(p))
+        has = [d.name for d in class_dirs(data)]
         return select_classes(samples, classes, str(data), allow_missing=allow_missing_classes, has=has)
     return select_classes(samples, classes, str(data), allow_missing=allow_missing_classes)
 
 
-def scan_class_folders(root: Path, classes: list[str] | None = None) -> list[Sample]:
-    """One sub-folder per class; `<image>_mask.png` / `<image>_mask_N.png` are masks of `<image>.png`."""
+def class_dirs(root: Path) -> list[Path]:
+    """The class folders of a class-folder dataset (its sub-folders, hidden ones left out), sorted."""
     try:
-        dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p))
+        return sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p))
     except OSError as e:
         raise SonocadError(f"{root}: cannot list folder ({e.strerror})") from None
+
+
+def scan_class_folders(root: Path, classes: list[str] | None = None) -> list[Sample]:
+    """One sub-folder per class; `<image>_mask.png` / `<image>_mask_N.png` are masks of `<image>.png`."""
+    dirs = class_dirs(root)
     if not dirs:
         raise SonocadError(f"{root}: expected one sub-folder per class (or a CSV manifest), found none")
     samples = []
@@ -186,20 +191,25 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
-def read_manifest(path: Path) -> list[Sample]:
-    """CSV with columns path,label and optional group, mask, site; relative paths resolve against its folder."""
+def _csv_rows(path: Path, what: str) -> tuple[list[str], list[dict]]:
+    """The header and the rows of a UTF-8 CSV file (`what` it is, for the messages)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise SonocadError(f"{path}: not a UTF-8 text CSV manifest") from None
+        raise SonocadError(f"{path}: not a UTF-8 text CSV {what}") from None
     except OSError as e:
         raise SonocadError(f"{path}: cannot read ({e.strerror})") from None
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))      # a quoted field may hold a line break
-        header = [h.strip().lower() for h in (reader.fieldnames or [])]
-        rows = list(reader)
+        return list(reader.fieldnames or []), list(reader)
     except csv.Error as e:
         raise SonocadError(f"{path}: malformed CSV ({e})") from None
+
+
+def read_manifest(path: Path) -> list[Sample]:
+    """CSV with columns path,label and optional group, mask, site; relative paths resolve against its folder."""
+    fields, rows = _csv_rows(path, "manifest")
+    header = [h.strip().lower() for h in fields]
     twice = sorted({h for h in header if header.count(h) > 1})
     if twice:      # which of two label columns holds the labels is a guess sonocad does not make
         raise SonocadError(f"{path}: column {twice[0]!r} appears more than once in the header (names are "
@@ -245,17 +255,8 @@ def read_busbra(root: Path) -> list[Sample]:
     The patient (Case) becomes the group, so both views of one patient stay on one side of a split."""
     samples, first_row = [], {}
     table = root / BUSBRA_CSV
-    try:
-        with open(table, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-    except UnicodeDecodeError:
-        raise SonocadError(f"{table}: not a UTF-8 text CSV file") from None
-    except csv.Error as e:
-        raise SonocadError(f"{table}: malformed CSV ({e})") from None
-    except OSError as e:
-        raise SonocadError(f"{table}: cannot read ({e.strerror})") from None
-    if not {"ID", "Case", "Pathology"} <= set(reader.fieldnames or []):
+    fields, rows = _csv_rows(table, "file")
+    if not {"ID", "Case", "Pathology"} <= set(fields):
         raise SonocadError(f"{table}: expected BUS-BRA columns ID, Case, Pathology")
     for i, row in enumerate(rows, start=2):
         if not all(isinstance(row.get(k), str) and row[k].strip() for k in ("ID", "Case", "Pathology")):
